@@ -1,0 +1,183 @@
+"""The base experiment config, its validation, and the ``smoke`` shrink.
+
+Every file in ``configs/`` starts from ``base_config()`` and changes what its
+experiment needs. ``validate(config)`` runs before any data is read or any
+function compiled and raises a one-line ``ValueError`` naming the option and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from kdaif_jax import data, influence, models, optim, weights
+
+MECHANISMS = ("none", "static", "periodic", "online", "joint")
+UNROLL = ("auto", "unroll", "loop")
+PROGRESS = ("auto", "bar", "log", "none")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: digits, cnn_large -> cnn_small, KD-AIF online (GGN, CG, damping 0.1)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = data.default_data_config()
+  c.batch_size = 64
+  c.eval_batch_size = 256
+  c.num_devices = 0  # 0: all visible devices
+  c.multihost = False
+  c.augment = ml_collections.ConfigDict(dict(pad=1, flip=False))
+  c.teacher = ml_collections.ConfigDict(dict(
+      model="cnn_large", init="", epochs=15, optimizer=optim.default_optimizer_config(0.05)))
+  c.student = ml_collections.ConfigDict(dict(
+      model="cnn_small", epochs=20, optimizer=optim.default_optimizer_config(0.05)))
+  c.kd = ml_collections.ConfigDict(dict(temperature=4.0, alpha=0.5))
+  c.kdaif = ml_collections.ConfigDict(dict(
+      mechanism="online",
+      weights="sigmoid",
+      weight_temperature=1.0,
+      curvature="ggn",
+      solver="cg",
+      damping=0.1,
+      cg_iters=5,
+      cg_tol=1e-6,
+      warm_start=True,
+      refresh_every=1,
+      unroll="auto",
+      lissa_scale=10.0,
+      val_batch_size=0,  # 0: the whole validation set every refresh
+      period_epochs=5,  # periodic: rescore the training set every K epochs
+      proxy_epochs=0,  # static: epochs of the plain-KD proxy student (0: student.epochs)
+      whole_set=ml_collections.ConfigDict(dict(cg_iters=50, curvature_size=1024)),
+      joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01)),
+  ))
+  c.log_every_steps = 20
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 200
+  c.progress = "auto"
+  return c
+
+
+def unroll_option(option: str) -> bool | None:
+  """Maps ``kdaif.unroll`` ("auto", "unroll", "loop") to ``cg_solve``'s ``unroll``."""
+  return {"auto": None, "unroll": True, "loop": False}[option]
+
+
+def _fail(option: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"config.{option}={value!r} is invalid; allowed: {allowed}")
+
+
+def _choice(cfg, option: str, allowed) -> None:
+  value = _get(cfg, option)
+  if value not in allowed:
+    _fail(option, value, ", ".join(map(str, allowed)))
+
+
+def _get(cfg, option: str):
+  node = cfg
+  for part in option.split("."):
+    node = node[part]
+  return node
+
+
+def _number(cfg, option: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+            integer: bool = False) -> None:
+  value = _get(cfg, option)
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok and integer:
+    ok = float(value).is_integer()
+  if ok:
+    ok = (value > lo if lo_open else value >= lo) and value <= hi and math.isfinite(value)
+  if not ok:
+    kind = "an integer" if integer else "a number"
+    bound = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi < math.inf else "")
+    _fail(option, value, f"{kind} {bound}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks names and ranges of every option the trainer reads.
+
+  Raises:
+    ValueError: one line naming the option, its value and what is allowed.
+  """
+  data.validate_config(cfg.data)
+  for net in ("teacher", "student"):
+    _choice(cfg, f"{net}.model", models.names())
+    _choice(cfg, f"{net}.optimizer.name", optim.OPTIMIZERS)
+    _choice(cfg, f"{net}.optimizer.schedule", optim.SCHEDULES)
+    _number(cfg, f"{net}.optimizer.lr", 0, lo_open=True)
+    _number(cfg, f"{net}.optimizer.momentum", 0, 1)
+    _number(cfg, f"{net}.optimizer.weight_decay", 0)
+    _number(cfg, f"{net}.optimizer.warmup_epochs", 0)
+  _number(cfg, "teacher.epochs", 0 if cfg.teacher.init else 1, integer=True)
+  _number(cfg, "student.epochs", 1, integer=True)
+  _number(cfg, "batch_size", 1, integer=True)
+  _number(cfg, "eval_batch_size", 1, integer=True)
+  _number(cfg, "num_devices", 0, integer=True)
+  _number(cfg, "augment.pad", 0, integer=True)
+  _number(cfg, "kd.temperature", 0, lo_open=True)
+  _number(cfg, "kd.alpha", 0, 1)
+  k = "kdaif"
+  _choice(cfg, f"{k}.mechanism", MECHANISMS)
+  _choice(cfg, f"{k}.weights", weights.MAPS)
+  _choice(cfg, f"{k}.curvature", influence.CURVATURES)
+  _choice(cfg, f"{k}.solver", influence.SOLVERS)
+  _choice(cfg, f"{k}.unroll", UNROLL)
+  _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
+  _number(cfg, f"{k}.damping", 0)
+  _number(cfg, f"{k}.cg_iters", 1, integer=True)
+  _number(cfg, f"{k}.cg_tol", 0)
+  _number(cfg, f"{k}.refresh_every", 1, integer=True)
+  _number(cfg, f"{k}.lissa_scale", 0, lo_open=True)
+  _number(cfg, f"{k}.val_batch_size", 0, integer=True)
+  _number(cfg, f"{k}.period_epochs", 1, integer=True)
+  _number(cfg, f"{k}.proxy_epochs", 0, integer=True)
+  _number(cfg, f"{k}.whole_set.cg_iters", 1, integer=True)
+  _number(cfg, f"{k}.whole_set.curvature_size", 1, integer=True)
+  _number(cfg, f"{k}.joint.mu", 0)
+  _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
+  if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
+    _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
+  _number(cfg, "log_every_steps", 1, integer=True)
+  _number(cfg, "eval_every_epochs", 1, integer=True)
+  _number(cfg, "checkpoint_every_steps", 1, integer=True)
+  _choice(cfg, "progress", PROGRESS)
+
+
+def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to seconds on a CPU (for tests), keeping its mechanism.
+
+  Digits stays digits (offline and small); other datasets become synthetic
+  images of the same shape and class count, and large networks become small
+  ones of the registry, so that the smoke test exercises every code path.
+  """
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  if cfg.data.name != "digits":
+    size = 32 if cfg.data.name != "synthetic" else cfg.data.synthetic.image_size
+    classes = {"cifar100": 100}.get(cfg.data.name, cfg.data.synthetic.num_classes)
+    cfg.data.name = "synthetic"
+    cfg.data.synthetic.update(dict(num_train=128, num_val=32, num_test=64, image_size=size,
+                                   channels=3, num_classes=classes))
+    cfg.teacher.model, cfg.student.model = "cnn_large", "cnn_small"
+  else:
+    cfg.data.num_train = 256
+    cfg.data.val_size = 60 if cfg.data.num_labelled == 0 else cfg.data.val_size
+  cfg.teacher.epochs = 1 if not cfg.teacher.init else 0
+  cfg.student.epochs = 2
+  cfg.kdaif.proxy_epochs = 1
+  cfg.kdaif.period_epochs = 1
+  cfg.kdaif.cg_iters = min(cfg.kdaif.cg_iters, 3)
+  cfg.kdaif.whole_set.cg_iters = 5
+  cfg.kdaif.whole_set.curvature_size = 64
+  cfg.batch_size = 32
+  cfg.eval_batch_size = 64
+  cfg.log_every_steps = 2
+  cfg.checkpoint_every_steps = 4
+  cfg.progress = "log"
+  for net in ("teacher", "student"):
+    cfg[net].optimizer.decay_epochs = ()
+    cfg[net].optimizer.warmup_epochs = 0.0
+  return cfg

@@ -1,0 +1,78 @@
+"""Per-example losses (each returns one value per example, shape [B]).
+
+METHOD.md section 3:
+  ℓ_i = α·CE(y_i, S(x_i)) + (1−α)·τ²·KL(softmax(T(x_i)/τ) ‖ softmax(S(x_i)/τ))
+for labelled examples and the KD term alone (α = 0) for unlabelled ones.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """CE(y, softmax(logits)) per example.
+
+  Args:
+    logits: [B, K].
+    labels: [B] integer class ids, or [B, K] target probabilities.
+
+  Returns:
+    [B] losses (nats).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if labels.ndim == logits.ndim:
+    return -jnp.sum(labels * logp, axis=-1)
+  return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
+                  temperature: float = 1.0) -> jax.Array:
+  """KL(softmax(T/τ) ‖ softmax(S/τ)) per example (no τ² factor).
+
+  Args:
+    teacher_logits: [B, K] (treated as constants by the caller if desired).
+    student_logits: [B, K].
+    temperature: τ > 0.
+
+  Returns:
+    [B] non-negative divergences.
+  """
+  log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array | None = None,
+            *, temperature: float = 4.0, alpha: float = 0.5,
+            labelled: jax.Array | None = None) -> jax.Array:
+  """Hinton et al. (2015) distillation loss per example.
+
+  ℓ_i = α·CE(y_i, S) + (1−α)·τ²·KL(softmax(T/τ) ‖ softmax(S/τ)); the τ² keeps
+  the soft term's gradient scale independent of τ. Unlabelled examples
+  (``labelled`` false, or label −1) use the KD term alone with weight 1.
+
+  Args:
+    student_logits: [B, K].
+    teacher_logits: [B, K]; wrap in ``stop_gradient`` to keep the teacher fixed.
+    labels: [B] int labels (−1 = unlabelled) or None (all unlabelled).
+    temperature: τ > 0.
+    alpha: weight of the hard-label CE in [0, 1].
+    labelled: optional [B] bool mask; defaults to ``labels >= 0``.
+
+  Returns:
+    [B] losses.
+  """
+  soft = temperature ** 2 * kl_divergence(teacher_logits, student_logits, temperature)
+  if labels is None:
+    return soft
+  if labelled is None:
+    labelled = labels >= 0
+  hard = cross_entropy(student_logits, jnp.maximum(labels, 0))
+  return jnp.where(labelled, alpha * hard + (1.0 - alpha) * soft, soft)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """[B] float 1.0 where argmax(logits) == label, else 0.0."""
+  return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)

@@ -1,0 +1,18 @@
+"""Flax classifiers behind one registry: ``create(name, num_classes)``.
+
+Example:
+  >>> model = create("cnn_small", 10)
+  >>> params, state = model.init(jax.random.key(0), x[:1])
+  >>> logits, state = model.apply(params, state, x, train=True)
+"""
+
+from kdaif_jax.models.registry import (
+  Model,
+  ModelState,
+  Params,
+  create,
+  names,
+  param_count,
+)
+
+__all__ = ["Model", "ModelState", "Params", "create", "names", "param_count"]

@@ -1,0 +1,137 @@
+"""Model registry: names -> Flax modules, wrapped as pure init/apply functions.
+
+The trainer and the influence code only see ``Model.init`` and ``Model.apply``:
+parameters and the other variable collections (BatchNorm statistics) are kept
+apart, so ``jax.grad``/``jax.jvp`` act on the params pytree alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdaif_jax.models import cnn, resnet, wrn
+
+Params = Any  # pytree of arrays: the 'params' collection
+ModelState = dict[str, Any]  # the other collections, e.g. {'batch_stats': ...}
+
+_FACTORIES: dict[str, Callable[..., nn.Module]] = {
+  **cnn.MODELS,
+  **resnet.MODELS,
+  **wrn.MODELS,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A classifier as two pure functions over (params, model_state).
+
+  Attributes:
+    name: registry name.
+    module: the Flax linen module; ``module(x, train=...)`` returns logits.
+    num_classes: number of logits.
+  """
+
+  name: str
+  module: nn.Module
+  num_classes: int
+
+  def init(self, key: jax.Array, sample_x: jax.Array) -> tuple[Params, ModelState]:
+    """Initialise the variables.
+
+    Works under ``jax.eval_shape`` (shapes only, no compute).
+
+    Args:
+      key: a PRNG key (``jax.random.key``).
+      sample_x: example input [B, H, W, C] float32; only its shape and dtype
+        matter.
+
+    Returns:
+      (params, model_state): the 'params' collection, and a dict of the other
+      collections (``{'batch_stats': ...}`` for models with BatchNorm, ``{}``
+      otherwise).
+    """
+    # Not jitted: compiling a whole deep net's init costs XLA:CPU tens of
+    # seconds, while op-by-op dispatch reuses cached per-op compiles.
+    variables = dict(self.module.init(key, sample_x, train=False))
+    params = variables.pop("params")
+    return params, variables
+
+  def apply(
+    self, params: Params, model_state: ModelState, x: jax.Array, train: bool
+  ) -> tuple[jax.Array, ModelState]:
+    """Pure forward pass; no RNG (the models have no dropout).
+
+    Args:
+      params: the 'params' collection from ``init``.
+      model_state: the other collections from ``init`` (or a previous apply).
+      x: inputs [B, H, W, C] float32, normalised.
+      train: a Python bool (static under ``jit``). True: BatchNorm uses batch
+        statistics and the returned state holds the updated running averages.
+        False: BatchNorm uses the running averages, so each example's logits
+        do not depend on the rest of the batch, and the state is returned
+        unchanged.
+
+    Returns:
+      (logits [B, num_classes] float32, new model_state).
+    """
+    variables = {"params": params, **model_state}
+    if train and model_state:
+      logits, new_state = self.module.apply(variables, x, train=True, mutable=list(model_state))
+      return logits, dict(new_state)
+    return self.module.apply(variables, x, train=train), model_state
+
+
+def names() -> list[str]:
+  """Return the registered model names, sorted."""
+  return sorted(_FACTORIES)
+
+
+def create(name: str, num_classes: int, **kwargs: Any) -> Model:
+  """Build a registered model.
+
+  Args:
+    name: one of ``names()``.
+    num_classes: number of logits (>= 1).
+    **kwargs: overrides of the module's attributes, e.g. ``hidden=64`` for
+      'mlp', ``dtype='bfloat16'`` or ``bn_momentum=0.99``.
+
+  Returns:
+    The ``Model``.
+
+  Raises:
+    ValueError: unknown name or a non-positive num_classes.
+    TypeError: a keyword the model does not have.
+  """
+  if name not in _FACTORIES:
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+  if int(num_classes) != num_classes or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+  if "dtype" in kwargs:
+    # Accept config strings ('bfloat16'); a numpy dtype is hashable, as
+    # Flax modules must be.
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  for key, value in kwargs.items():
+    if isinstance(value, list):
+      kwargs[key] = tuple(value)  # configs give lists; modules need hashable
+  module = _FACTORIES[name](num_classes=int(num_classes), **kwargs)
+  return Model(name=name, module=module, num_classes=int(num_classes))
+
+
+def param_count(params: Params) -> int:
+  """Number of scalars in a params pytree.
+
+  Args:
+    params: pytree of arrays or of ``jax.ShapeDtypeStruct`` (from
+      ``jax.eval_shape``).
+
+  Returns:
+    The total number of elements.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

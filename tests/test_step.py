@@ -1,0 +1,136 @@
+"""The KD-AIF step functions on one device (axis_name=None), tiny MLPs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdaif_jax import config as config_lib, losses, models, step as step_lib
+
+B, K = 16, 3
+
+
+def _setup(mechanism, key=0):
+  cfg = config_lib.base_config()
+  cfg.kdaif.mechanism = mechanism
+  cfg.kdaif.cg_iters = 3
+  teacher = models.create("mlp", K, hidden=16)
+  student = models.create("mlp", K, hidden=8)
+  k = jax.random.split(jax.random.key(key), 6)
+  x = jax.random.randint(k[0], (B, 4, 4, 1), 0, 256).astype(jnp.uint8)
+  y = jax.random.randint(k[1], (B,), 0, K)
+  xv = jax.random.randint(k[2], (8, 4, 4, 1), 0, 256).astype(jnp.uint8)
+  yv = jax.random.randint(k[3], (8,), 0, K)
+  sample = jnp.zeros((1, 4, 4, 1))
+  tp, tms = teacher.init(k[4], sample)
+  sp, sms = student.init(k[5], sample)
+  tx = optax.sgd(0.1)
+  state = step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), key=jax.random.key_data(jax.random.key(1)),
+      student=step_lib.NetState(sp, sms, tx.init(sp)),
+      teacher=step_lib.NetState(tp, tms, tx.init(tp)),
+      s=jax.tree.map(jnp.zeros_like, sp), example_weights=jnp.ones((B,)),
+      last_scores=jnp.zeros((B,)), last_weights=jnp.ones((B,)))
+  prepare = lambda key, im: im.astype(jnp.float32) / 255.0 - 0.5
+  batch = {"images": x, "labels": y, "noisy": jnp.zeros((B,), bool),
+           "weights": jnp.linspace(0.5, 1.5, B)}
+  val = {"images": xv, "labels": yv}
+  fn = step_lib.make_kd_step(student, teacher, tx, tx, prepare, cfg, axis_name=None)
+  return cfg, student, teacher, tx, prepare, state, batch, val, fn
+
+
+def _changed(a, b):
+  return any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "online", "joint"])
+def test_every_mechanism_updates_the_student(mechanism):
+  *_, state, batch, val, fn = _setup(mechanism)
+  new, metrics, (scores, w) = jax.jit(fn)(state, batch, val)
+  assert int(new.step) == 1
+  assert _changed(state.student.params, new.student.params)
+  assert np.all(np.isfinite(np.asarray(metrics["loss"])))
+  assert np.isclose(float(jnp.mean(w)), 1.0, atol=1e-5) or mechanism in ("static", "periodic")
+  if mechanism in ("online", "joint"):
+    assert float(jnp.std(scores)) > 0 and float(jnp.std(w)) > 0
+    assert int(metrics["cg_iterations"]) >= 1
+    assert _changed(state.s, new.s)
+  assert _changed(state.teacher.params, new.teacher.params) == (mechanism == "joint")
+
+
+def test_none_equals_plain_kd():
+  cfg, student, teacher, tx, prepare, state, batch, val, fn = _setup("none")
+  new, _, _ = fn(state, batch, val)
+  x = prepare(None, batch["images"])
+  t = teacher.apply(state.teacher.params, {}, x, False)[0]
+
+  def plain(p):
+    out = student.apply(p, {}, x, True)[0]
+    return jnp.mean(losses.kd_loss(out, t, batch["labels"], temperature=cfg.kd.temperature,
+                                   alpha=cfg.kd.alpha))
+
+  grads = jax.grad(plain)(state.student.params)
+  upd, _ = tx.update(grads, state.student.opt_state, state.student.params)
+  expect = optax.apply_updates(state.student.params, upd)
+  for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(new.student.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_static_weights_are_used_normalised():
+  cfg, student, teacher, tx, prepare, state, batch, val, fn = _setup("static")
+  new, metrics, (_, w) = fn(state, batch, val)
+  np.testing.assert_allclose(w, batch["weights"])
+  x = prepare(None, batch["images"])
+  t = teacher.apply(state.teacher.params, {}, x, False)[0]
+  out = student.apply(state.student.params, {}, x, True)[0]
+  per = losses.kd_loss(out, t, batch["labels"], temperature=cfg.kd.temperature, alpha=cfg.kd.alpha)
+  expect = jnp.sum(batch["weights"] * per) / jnp.sum(batch["weights"])
+  np.testing.assert_allclose(metrics["loss"], expect, rtol=1e-5)
+
+
+def test_refresh_false_reuses_s():
+  cfg, student, teacher, tx, prepare, state, batch, val, _ = _setup("online")
+  s = jax.tree.map(lambda a: jnp.full_like(a, 0.01), state.s)
+  state = state.replace(s=s)
+  stale = step_lib.make_kd_step(student, teacher, tx, None, prepare, cfg, refresh=False,
+                                axis_name=None)
+  new, metrics, _ = stale(state, batch, val)
+  assert "cg_iterations" not in metrics
+  for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(new.s)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_joint_feedback_sign_moves_pseudo_label_probabilities():
+  # Teacher logits for 2 examples whose pseudo-labels are class 0; the student
+  # found example 0 helpful (I < 0) and example 1 harmful (I > 0).
+  logits = jnp.array([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]])
+  pseudo = jnp.array([0, 0])
+  scores = jnp.array([-1.0, 1.0])
+  h = step_lib.feedback_weights(scores)
+  assert h[0] > 0 > h[1]
+  g = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(logits)
+  new = logits - 1.0 * g  # one gradient step on the teacher's outputs
+  p_old, p_new = jax.nn.softmax(logits), jax.nn.softmax(new)
+  assert p_new[0, 0] > p_old[0, 0]  # helpful pseudo-label more likely
+  assert p_new[1, 0] < p_old[1, 0]  # harmful (wrong) pseudo-label less likely
+
+
+def test_supervised_step_trains_the_teacher():
+  cfg, student, teacher, tx, prepare, state, batch, val, _ = _setup("none")
+  fn = jax.jit(step_lib.make_supervised_step(teacher, tx, prepare, axis_name=None))
+  losses_seen = []
+  for _ in range(30):
+    state, m = fn(state, {"images": batch["images"], "labels": batch["labels"]})
+    losses_seen.append(float(m["loss"]))
+  assert losses_seen[-1] < losses_seen[0]
+
+
+def test_eval_step_counts():
+  cfg, student, teacher, tx, prepare, state, batch, val, _ = _setup("none")
+  ev = step_lib.make_eval_step(student, prepare, axis_name=None)
+  mask = jnp.arange(B) < 10
+  sums, logits = ev(state.student.params, {}, batch["images"], batch["labels"], mask)
+  assert float(sums["count"]) == 10
+  acc = losses.accuracy(logits, batch["labels"])[:10].sum()
+  np.testing.assert_allclose(sums["correct"], acc)

@@ -1,0 +1,231 @@
+"""End-to-end trainer: config smokes, mechanisms, files, resume, multi-device, bad input."""
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kdaif_jax import checkpoint, config as config_lib, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["default", "digits_noisy", "cifar100_kd"]
+
+
+def load_config(name, arg="smoke"):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def tiny(cfg, mechanism="online"):
+  """A smoke config with MLPs: every code path, seconds of compile."""
+  cfg.teacher.model = cfg.student.model = "mlp"
+  cfg.kdaif.mechanism = mechanism
+  return cfg
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_smoke_writes_every_file(name, tmp_path):
+  cfg = load_config(name)
+  assert cfg.kdaif.mechanism in config_lib.MECHANISMS
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  for f in ("summary.json", "metrics.jsonl", "config.json", "weights.csv", "splits.json",
+            "predictions.npz", "experiment.json"):
+    assert (tmp_path / f).exists(), f
+  assert any(n.startswith("events") for n in os.listdir(tmp_path / "tensorboard"))
+  on_disk = json.loads((tmp_path / "summary.json").read_text())
+  assert on_disk == json.loads(json.dumps(summary))
+  for key in ("dataset", "mechanism", "device_count", "steps_per_second", "wall_time_s"):
+    assert key in summary
+  for net in ("teacher", "student"):
+    assert 0.0 <= summary[net]["test_accuracy"] <= 1.0
+    assert summary[net]["parameters"] > 0
+    assert summary[net]["architecture"] == cfg[net].model
+  assert summary["student"]["parameters"] < summary["teacher"]["parameters"]
+  rows = read_csv(tmp_path / "weights.csv")
+  assert len(rows) == summary["num_train"]
+  w = np.array([float(r["weight"]) for r in rows])
+  assert np.all(np.isfinite(w)) and np.all(w > 0)
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  phases = {(r["kind"], r["phase"]) for r in lines}
+  assert ("train", "teacher") in phases and ("train", "student") in phases
+  assert ("eval", "student") in phases
+  student_train = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
+  for key in ("loss", "accuracy", "w_mean", "w_std", "w_min", "w_max", "w_below_half",
+              "cg_residual", "cg_iterations"):
+    assert key in student_train[-1], key
+
+
+@pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "joint"])
+def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
+  cfg = tiny(load_config("digits_noisy"), mechanism)
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert summary["mechanism"] == mechanism
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  scorings = [r for r in lines if r["kind"] == "scoring"]
+  rows = read_csv(tmp_path / "weights.csv")
+  w = np.array([float(r["weight"]) for r in rows])
+  if mechanism in ("static", "periodic"):
+    assert scorings and scorings[0]["phase"] == mechanism
+    assert w.std() > 0
+    assert "auroc" in scorings[0]  # noise injected: detection quality is logged
+  if mechanism == "static":
+    assert any(r["phase"] == "proxy" for r in lines if r["kind"] == "train")
+  if mechanism == "none":
+    np.testing.assert_array_equal(w, 1.0)
+  if mechanism == "joint":
+    student_train = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
+    assert "teacher_loss" in student_train[-1]
+    assert any(r["net"] == "teacher" for r in lines if r["kind"] == "eval" and
+               r["phase"] == "student")
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+  cfg = tiny(load_config("default"), "none")
+  cfg.student.epochs = 1
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  cfg.kd.temperature = 2.0
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="kd.temperature"):
+    trainer.train_and_evaluate(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("data.name", "imagenet", "data.name"),
+    ("student.model", "resnet1000", "student.model"),
+    ("kdaif.mechanism", "sometimes", "kdaif.mechanism"),
+    ("kdaif.weights", "softmax", "kdaif.weights"),
+    ("kdaif.solver", "newton", "kdaif.solver"),
+    ("kdaif.damping", -0.1, "kdaif.damping"),
+    ("kdaif.cg_iters", 0, "kdaif.cg_iters"),
+    ("kd.alpha", 1.5, "kd.alpha"),
+    ("kd.temperature", 0.0, "kd.temperature"),
+    ("student.optimizer.lr", 0.0, "student.optimizer.lr"),
+    ("data.noise.rate", 1.0, "data.noise.rate"),
+])
+def test_bad_config_names_the_option(option, value, match):
+  cfg = load_config("default", None)
+  node = cfg
+  *parents, leaf = option.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=re.escape(match)) as e:
+    config_lib.validate(cfg)
+  assert "\n" not in str(e.value)
+  assert "allowed" in str(e.value)
+
+
+def _run_main(args, workdir, **kw):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *args]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cli_errors_are_one_line_before_any_compile(tmp_path):
+  p = _run_main(["--config=configs/default.py", "--config.kdaif.mechanism=bogus"], tmp_path)
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 2
+  assert "Traceback" not in out
+  assert re.search(r"^error: config\.kdaif\.mechanism='bogus' .*allowed: none, static",
+                   out, re.M)
+  p = _run_main(["--config=configs/cifar100_kd.py", f"--config.data.data_dir={tmp_path}/tfds"],
+                tmp_path / "w")
+  out, _ = p.communicate(timeout=120)
+  assert p.returncode == 2 and "Traceback" not in out
+  assert "tfds build cifar100" in out and "array_record" in out
+
+
+def test_resume_after_sigkill(tmp_path):
+  args = ["--config=configs/default.py:smoke", "--config.teacher.model=mlp",
+          "--config.student.model=mlp", "--config.teacher.epochs=150",
+          "--config.checkpoint_every_steps=20"]
+  p = _run_main(args, tmp_path)
+  ckpt_dir = tmp_path / "checkpoints" / "teacher"
+  deadline = time.time() + 300
+  killed_after = None
+  while time.time() < deadline and p.poll() is None:
+    steps = [int(n) for n in os.listdir(ckpt_dir)] if ckpt_dir.exists() and all(
+        n.isdigit() for n in os.listdir(ckpt_dir)) else []
+    if steps:
+      killed_after = max(steps)
+      p.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  p.wait(timeout=60)
+  assert killed_after is not None, "no checkpoint appeared before the run ended"
+  assert not (tmp_path / "summary.json").exists()
+  p = _run_main(args, tmp_path)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out[-3000:]
+  m = re.search(r"teacher: resumed from checkpoint at step (\d+)", out)
+  assert m and int(m.group(1)) >= killed_after
+  assert json.loads((tmp_path / "summary.json").read_text())["mechanism"] == "online"
+  teacher_steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")
+                   if r["kind"] == "train" and r["phase"] == "teacher"]
+  assert max(teacher_steps) == 150 * 8  # 256 examples / batch 32 = 8 steps per epoch
+
+
+_MULTI = r"""
+import json, sys
+import jax
+import numpy as np
+sys.path.insert(0, {root!r})
+from tests.test_trainer import load_config, tiny
+from kdaif_jax import trainer
+assert jax.device_count() == 8, jax.devices()
+out = {{}}
+for n in (1, 8):
+  cfg = tiny(load_config("digits_noisy"), "online")
+  cfg.num_devices = n
+  cfg.augment.pad = 0  # augmentation keys are per device; switch it off to compare
+  cfg.kdaif.val_batch_size = 56
+  wd = f"{tmp}/d{{n}}"
+  s = trainer.train_and_evaluate(cfg, wd)
+  lines = [json.loads(l) for l in open(wd + "/metrics.jsonl")]
+  out[n] = {{"loss": [r["loss"] for r in lines if r["kind"] == "train"],
+            "w_std": [r["w_std"] for r in lines if r["kind"] == "train" and "w_std" in r],
+            "test_loss": s["student"]["test_loss"], "devices": s["device_count"]}}
+cfg = tiny(load_config("default"))
+cfg.batch_size = 36
+try:
+  trainer.train_and_evaluate(cfg, "{tmp}/bad")
+  out["bad"] = None
+except ValueError as e:
+  out["bad"] = str(e)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_eight_devices_match_one(tmp_path):
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  code = _MULTI.format(root=ROOT, tmp=str(tmp_path))
+  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.split("RESULT", 1)[1])
+  one, eight = out["1"], out["8"]
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  np.testing.assert_allclose(eight["loss"], one["loss"], rtol=2e-4, atol=1e-5)
+  np.testing.assert_allclose(eight["w_std"], one["w_std"], rtol=2e-3, atol=1e-4)
+  np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=2e-4)
+  assert "batch_size=36" in out["bad"] and "device count (8)" in out["bad"]

@@ -1,14 +1,21 @@
-"""The figures of the SAFE report (``kdaif_jax.report``), one PNG each.
+"""Figures and page rendering of the SAFE report (``kdaif_jax.report``).
 
-Plain data in, a PNG file out. Uses ``matplotlib.figure.Figure`` directly (the
+Figures: plain data in, one PNG file out. Uses ``matplotlib.figure.Figure`` directly (the
 Agg canvas, no pyplot): no display, no global backend switch, no open-figure
-registry to leak.
+registry to leak. Rendering: the report's blocks to Markdown and to one
+self-contained HTML page.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import os
+import re
+
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _DPI = 110
 _CLEAN, _FLIPPED = "tab:blue", "tab:red"
@@ -44,11 +51,12 @@ def training_curves(path: str, rows: dict[str, list[dict]]) -> str:
         y = line.get(metric)
         if y is None or not np.isfinite(np.asarray(y, float)).any():
           continue
-        ax.plot(line["x"], y, line.get("ls", "-"), color=line.get("color"), marker=".",
-                label=line["label"])
+        ax.plot(line["x"], y, line.get("ls", "-"), color=line.get("color"),
+                marker=line.get("marker", "."), label=line["label"])
         drawn += 1
       if drawn:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.set_title(f"{net}: {metric}")
         ax.grid(alpha=0.3)
@@ -146,9 +154,10 @@ def per_class(path: str, teacher: np.ndarray | None, student: np.ndarray | None,
     ax.set_xticks(x, class_names, rotation=45 if k > 10 else 0, fontsize=7)
   ax.set_xlabel("class")
   ax.set_ylabel("test accuracy")
-  ax.set_ylim(0, 1.05)
+  ax.set_ylim(0, 1.18)
+  ax.set_yticks(np.linspace(0, 1, 6))
   ax.set_title("per-class test accuracy")
-  ax.legend(fontsize=7)
+  ax.legend(fontsize=7, loc="upper center", ncols=2)
   return _save(fig, path)
 
 
@@ -160,14 +169,16 @@ def reliability(path: str, curves: dict[str, tuple]) -> str:
   """
   fig = Figure(figsize=(4.0 * len(curves), 3.6), layout="constrained")
   axes = fig.subplots(1, len(curves), squeeze=False)[0]
-  for ax, (net, (count, conf, acc, ece)) in zip(axes, curves.items()):
+  for ax, (net, (count, conf, acc, ece)) in zip(axes, curves.items(), strict=True):
     b = len(count)
     edges = np.linspace(0, 1, b + 1)
     has = count > 0
     ax.bar(edges[:-1][has], acc[has], width=1 / b, align="edge", edgecolor="black",
-           color="tab:blue", alpha=0.7, label="accuracy")
-    ax.bar(edges[:-1][has], (conf - acc)[has], bottom=acc[has], width=1 / b, align="edge",
-           color="tab:red", alpha=0.3, label="gap to confidence")
+           color="tab:blue", alpha=0.75, label="accuracy")
+    ax.bar(edges[:-1][has], conf[has], width=1 / b, align="edge", fill=False,
+           edgecolor="tab:red", hatch="//", label="mean confidence")
+    ax.bar(edges[:-1] + 0.5 / b, count / max(count.sum(), 1), width=0.4 / b, color="0.2",
+           zorder=3, label="share of examples")
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -176,3 +187,64 @@ def reliability(path: str, curves: dict[str, tuple]) -> str:
     ax.set_title(f"{net}: ECE {ece:.3f}")
     ax.legend(fontsize=7, loc="upper left")
   return _save(fig, path)
+
+
+# --------------------------------------------------------------------------
+# Rendering the report's blocks: ("h", level, text), ("p", text),
+# ("table", header, rows), ("ul", items), ("img", file name, alt)
+# --------------------------------------------------------------------------
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+  """Markdown; pictures linked by file name (they sit beside report.md)."""
+  out = []
+  for b in blocks:
+    if b[0] == "h":
+      out.append("#" * b[1] + " " + b[2])
+    elif b[0] == "p":
+      out.append(b[1])
+    elif b[0] == "ul":
+      out.append("\n".join(f"- {item}" for item in b[1]))
+    elif b[0] == "table":
+      cells = lambda row: "| " + " | ".join(str(v).replace("|", "/") for v in row) + " |"
+      out.append("\n".join([cells(b[1]), cells(["---"] * len(b[1]))] + [cells(r) for r in b[2]]))
+    elif b[0] == "img":
+      out.append(f"![{b[2]}]({b[1]})")
+  return "\n\n".join(out) + "\n"
+
+
+def _inline(text: str) -> str:
+  """Escaped HTML with `code` and **bold** spans."""
+  text = html.escape(str(text))
+  text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+  return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+        "line-height:1.45}table{border-collapse:collapse;margin:0.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
+
+
+def render_html(blocks: list[tuple], folder: str, title: str) -> str:
+  """One self-contained HTML page: every picture embedded as a base64 data URI."""
+  out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+         f"</title><style>{_CSS}</style></head><body>"]
+  for b in blocks:
+    if b[0] == "h":
+      out.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
+    elif b[0] == "p":
+      out.append(f"<p>{_inline(b[1])}</p>")
+    elif b[0] == "ul":
+      out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
+    elif b[0] == "table":
+      head = "".join(f"<th>{_inline(v)}</th>" for v in b[1])
+      rows = "".join("<tr>" + "".join(f"<td>{_inline(v)}</td>" for v in r) + "</tr>"
+                     for r in b[2])
+      out.append(f"<table><tr>{head}</tr>{rows}</table>")
+    elif b[0] == "img":
+      with open(os.path.join(folder, b[1]), "rb") as f:
+        data = base64.b64encode(f.read()).decode("ascii")
+      out.append(f"<p><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'></p>")
+  out.append("</body></html>")
+  return "\n".join(out)

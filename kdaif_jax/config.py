@@ -18,6 +18,8 @@ from kdaif_jax import data, influence, models, optim, weights
 MECHANISMS = ("none", "static", "periodic", "online", "joint")
 UNROLL = ("auto", "unroll", "loop")
 PROGRESS = ("auto", "bar", "log", "none")
+SSL_MECHANISMS = ("none", "online", "joint")
+SSL_TARGETS = ("soft", "hard")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -53,6 +55,19 @@ def base_config() -> ml_collections.ConfigDict:
       proxy_epochs=0,  # static: epochs of the plain-KD proxy student (0: student.epochs)
       whole_set=ml_collections.ConfigDict(dict(cg_iters=50, curvature_size=1024)),
       joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01)),
+  ))
+  # Semi-supervised (active when data.num_labelled > 0), METHOD.md section 5.
+  c.ssl = ml_collections.ConfigDict(dict(
+      unlabelled_ratio=7,  # unlabelled batch = ratio x labelled batch (UDA/MPL use 7)
+      targets="soft",  # student learns the teacher's soft targets, or "hard" pseudo-labels
+      unlabelled_weight=1.0,  # λ_u; 0 trains the student on labelled data only
+      uda_weight=0.0,  # teacher's UDA consistency (joint only)
+      uda_threshold=0.8,
+      uda_temperature=0.4,
+      ema=0.0,  # EMA decay of student params for evaluation (0: off)
+      finetune_epochs=0,  # final student fine-tuning on the labelled set (as MPL)
+      finetune_lr=0.01,
+      strong=ml_collections.ConfigDict(dict(num_ops=2, magnitude=10.0, cutout=16)),
   ))
   c.log_every_steps = 20
   c.eval_every_epochs = 1
@@ -141,6 +156,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
     _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
+  _choice(cfg, "ssl.targets", SSL_TARGETS)
+  _number(cfg, "ssl.unlabelled_ratio", 1, integer=True)
+  _number(cfg, "ssl.unlabelled_weight", 0)
+  _number(cfg, "ssl.uda_weight", 0)
+  _number(cfg, "ssl.uda_threshold", 0, 1)
+  _number(cfg, "ssl.uda_temperature", 0, lo_open=True)
+  _number(cfg, "ssl.ema", 0, 1)
+  if cfg.ssl.ema >= 1:
+    _fail("ssl.ema", cfg.ssl.ema, "a number >= 0 and < 1")
+  _number(cfg, "ssl.finetune_epochs", 0, integer=True)
+  _number(cfg, "ssl.finetune_lr", 0, lo_open=True)
+  _number(cfg, "ssl.strong.num_ops", 0, integer=True)
+  _number(cfg, "ssl.strong.magnitude", 0, 10)
+  _number(cfg, "ssl.strong.cutout", 0, integer=True)
+  if cfg.data.num_labelled > 0 and cfg.kdaif.mechanism not in SSL_MECHANISMS:
+    _fail("kdaif.mechanism", cfg.kdaif.mechanism,
+          f"{', '.join(SSL_MECHANISMS)} when data.num_labelled > 0 (semi-supervised)")
   _number(cfg, "log_every_steps", 1, integer=True)
   _number(cfg, "eval_every_epochs", 1, integer=True)
   _number(cfg, "checkpoint_every_steps", 1, integer=True)
@@ -168,11 +200,18 @@ def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cfg.teacher.epochs = 1 if not cfg.teacher.init else 0
   cfg.student.epochs = 2
   cfg.kdaif.proxy_epochs = 1
+  cfg.ssl.finetune_epochs = min(cfg.ssl.finetune_epochs, 1)
+  if cfg.data.num_labelled > 0:
+    k = cfg.data.synthetic.num_classes if cfg.data.name == "synthetic" else 10
+    if cfg.data.name == "synthetic":
+      cfg.data.num_labelled = 4 * k
+      cfg.data.synthetic.num_train = 400
+    cfg.ssl.unlabelled_ratio = min(cfg.ssl.unlabelled_ratio, 2)
   cfg.kdaif.period_epochs = 1
   cfg.kdaif.cg_iters = min(cfg.kdaif.cg_iters, 3)
   cfg.kdaif.whole_set.cg_iters = 5
   cfg.kdaif.whole_set.curvature_size = 64
-  cfg.batch_size = 32
+  cfg.batch_size = 32 if cfg.data.num_labelled == 0 else 16
   cfg.eval_batch_size = 64
   cfg.log_every_steps = 2
   cfg.checkpoint_every_steps = 4

@@ -47,6 +47,9 @@ class TrainState:
   example_weights: [N] frozen per-example weights (static/periodic; ones otherwise).
   last_scores, last_weights: [N] influence and weight each training example
     got the last time it was scored (what weights.csv records).
+  solve_stats: [3] float32 iterations, relative residual and negative-curvature
+    flag of the newest inverse solve (reported on every step, refreshed or not).
+  ema: exponential moving average of the student params (SSL, ``ssl.ema`` > 0).
   """
 
   step: jax.Array
@@ -57,9 +60,12 @@ class TrainState:
   example_weights: jax.Array
   last_scores: jax.Array
   last_weights: jax.Array
+  solve_stats: jax.Array
+  ema: PyTree
 
 
-def _pmean(tree, axis_name):
+def pmean(tree, axis_name: str | None):
+  """``jax.lax.pmean`` over ``axis_name``, or the identity when it is None."""
   return jax.lax.pmean(tree, axis_name) if axis_name else tree
 
 
@@ -85,12 +91,14 @@ def _masked_mean(x, mask, axis_name):
   return num / jnp.maximum(den, 1.0)
 
 
-def _apply_update(net: NetState, tx: optax.GradientTransformation, grads, model_state) -> NetState:
+def apply_update(net: NetState, tx: optax.GradientTransformation, grads, model_state) -> NetState:
+  """One optax update of ``net`` with ``grads``; ``model_state`` replaces the old one."""
   updates, opt_state = tx.update(grads, net.opt_state, net.params)
   return NetState(optax.apply_updates(net.params, updates), model_state, opt_state)
 
 
-def _weight_metrics(w, scores, batch, axis_name) -> dict[str, jax.Array]:
+def weight_metrics(w, scores, batch, axis_name) -> dict[str, jax.Array]:
+  """Global statistics of the batch's weights (and by flipped/clean label)."""
   ones = jnp.ones_like(w, dtype=bool)
   st = _global_stats(w, ones, axis_name)
   out = {f"w_{k}": v for k, v in st.items()}
@@ -129,9 +137,9 @@ def make_supervised_step(model, tx: optax.GradientTransformation, prepare: Calla
       return jnp.mean(ce), (logits, ms)
 
     (loss, (logits, ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(cur.params)
-    grads, ms, loss = _pmean((grads, ms, loss), axis_name)
-    new = _apply_update(cur, tx, grads, ms)
-    acc = _pmean(jnp.mean(losses.accuracy(logits, y)), axis_name)
+    grads, ms, loss = pmean((grads, ms, loss), axis_name)
+    new = apply_update(cur, tx, grads, ms)
+    acc = pmean(jnp.mean(losses.accuracy(logits, y)), axis_name)
     state = state.replace(step=state.step + 1, **{net: new})
     return state, {"loss": loss, "accuracy": acc}
 
@@ -191,17 +199,22 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
           return jnp.mean(losses.cross_entropy(student.apply(p, stu.model_state, xv, False)[0],
                                                val["labels"]))
 
-        g_v = _pmean(jax.grad(val_loss)(stu.params), axis_name)
+        g_v = pmean(jax.grad(val_loss)(stu.params), axis_name)
         if k.solver == "identity":
           s, info = influence.inverse_hvp(lambda v: v, g_v, solver="identity")
         else:
           local_mv = influence.curvature_matvec(train_loss, stu.params, k.curvature)
           s, info = influence.inverse_hvp(
-              lambda v: _pmean(local_mv(v), axis_name), g_v, solver=k.solver, damping=k.damping,
+              lambda v: pmean(local_mv(v), axis_name), g_v, solver=k.solver, damping=k.damping,
               maxiter=k.cg_iters, tol=k.cg_tol, x0=state.s if k.warm_start else None,
               lissa_scale=k.lissa_scale, unroll=config_lib.unroll_option(k.unroll))
-        metrics.update(cg_iterations=info.iterations, cg_residual=info.residual,
-                       cg_negative_curvature=info.negative_curvature.astype(jnp.float32))
+        solve_stats = jnp.stack([info.iterations.astype(jnp.float32), info.residual,
+                                 info.negative_curvature.astype(jnp.float32)])
+      else:
+        solve_stats = state.solve_stats
+      metrics.update(cg_iterations=solve_stats[0], cg_residual=solve_stats[1],
+                     cg_negative_curvature=solve_stats[2])
+      state = state.replace(solve_stats=solve_stats)
       scores = influence.scores(train_loss, stu.params, s)
       w = wmap(scores, axis_name=axis_name, **wkw)
     elif mechanism == "none":
@@ -212,7 +225,7 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
       w = batch["weights"]
     w = jax.lax.stop_gradient(w)
     # Σwℓ/Σw over the global batch: local mean(wℓ) / global mean(w), then pmean.
-    denom = _pmean(jnp.mean(w), axis_name)
+    denom = pmean(jnp.mean(w), axis_name)
 
     def student_loss(p):
       logits, ms = student.apply(p, stu.model_state, x, True)
@@ -220,11 +233,11 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
       return jnp.mean(w * per_ex) / denom, (logits, ms, per_ex)
 
     (loss, (logits, ms, per_ex)), grads = jax.value_and_grad(student_loss, has_aux=True)(stu.params)
-    grads, ms, loss = _pmean((grads, ms, loss), axis_name)
-    new_student = _apply_update(stu, tx_student, grads, ms)
-    metrics.update(loss=loss, kd_loss=_pmean(jnp.mean(per_ex), axis_name),
-                   accuracy=_pmean(jnp.mean(losses.accuracy(logits, y)), axis_name),
-                   **_weight_metrics(w, scores, batch, axis_name))
+    grads, ms, loss = pmean((grads, ms, loss), axis_name)
+    new_student = apply_update(stu, tx_student, grads, ms)
+    metrics.update(loss=loss, kd_loss=pmean(jnp.mean(per_ex), axis_name),
+                   accuracy=pmean(jnp.mean(losses.accuracy(logits, y)), axis_name),
+                   **weight_metrics(w, scores, batch, axis_name))
 
     new_teacher = tea
     if mechanism == "joint":
@@ -282,8 +295,8 @@ def _joint_teacher_update(teacher, tea: NetState, tx, x, y, t_logits_eval, score
     return sup + mu * fb, (ms, sup, fb)
 
   (loss, (ms, sup, fb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tea.params)
-  grads, ms, loss, sup, fb = _pmean((grads, ms, loss, sup, fb), axis_name)
-  return _apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
+  grads, ms, loss, sup, fb = pmean((grads, ms, loss, sup, fb), axis_name)
+  return apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
                                               "teacher_feedback": fb}
 
 

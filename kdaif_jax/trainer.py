@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from kdaif_jax import checkpoint, config as config_lib, data, models, optim, parallel
-from kdaif_jax import scoring, step as step_lib, weights as weights_lib
+from kdaif_jax import scoring, ssl as ssl_lib, step as step_lib, weights as weights_lib
 from kdaif_jax.data import augment
 from kdaif_jax.logs import MetricsWriter, Progress, log, setup_logging
 from kdaif_jax.parallel import BATCH, REPLICATED
@@ -44,10 +44,27 @@ class _Run:
   teacher: models.Model
   student: models.Model
   prepare: Any
+  prepare_strong: Any
   writer: MetricsWriter
   steps_per_epoch: int
   times: dict
   rates: dict
+
+  @property
+  def student_steps_per_epoch(self) -> int:
+    """An SSL epoch is one pass over the unlabelled set."""
+    if not self.semi_supervised:
+      return self.steps_per_epoch
+    return len(self.ds.unlabelled) // (self.cfg.batch_size * self.cfg.ssl.unlabelled_ratio)
+
+  @property
+  def semi_supervised(self) -> bool:
+    return self.ds.unlabelled is not None
+
+  @property
+  def scored(self) -> data.Split:
+    """The split whose examples get influence weights (unlabelled in SSL)."""
+    return self.ds.unlabelled if self.semi_supervised else self.ds.train
 
 
 def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
@@ -70,11 +87,26 @@ def _make_prepare(ds: data.Dataset, cfg):
   return prepare
 
 
+def _make_prepare_strong(ds: data.Dataset, cfg):
+  mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
+  st = cfg.ssl.strong
+
+  def prepare(key, images):
+    images = augment.strong(key, images, num_ops=st.num_ops, magnitude=st.magnitude,
+                            cutout_size=st.cutout, pad=cfg.augment.pad, flip=cfg.augment.flip)
+    return data.normalize(images, mean, std)
+
+  return prepare
+
+
 def _device_arrays(ds: data.Dataset, mesh) -> dict:
   arrays = {
       "train_images": ds.train.images, "train_labels": ds.train.labels,
       "train_noisy": ds.train.noisy, "val_images": ds.val.images, "val_labels": ds.val.labels,
   }
+  if ds.unlabelled is not None:
+    arrays["unl_images"] = ds.unlabelled.images
+    arrays["unl_labels"] = ds.unlabelled.labels
   return parallel.replicate({k: np.asarray(v) for k, v in arrays.items()}, mesh)
 
 
@@ -84,10 +116,10 @@ def _init_state(run: _Run, key: jax.Array) -> step_lib.TrainState:
   sample = jnp.zeros((1, *ds.image_shape), jnp.float32)
   t_params, t_ms = run.teacher.init(k_t, sample)
   s_params, s_ms = run.student.init(k_s, sample)
-  spe = run.steps_per_epoch
   tx_t = _teacher_tx(run)
-  tx_s = optim.make_optimizer(cfg.student.optimizer, spe, cfg.student.epochs)
-  n = len(ds.train)
+  tx_s = optim.make_optimizer(cfg.student.optimizer, run.student_steps_per_epoch,
+                              cfg.student.epochs)
+  n = len(run.scored)
   return step_lib.TrainState(
       step=jnp.zeros((), jnp.int32),
       key=jax.random.key_data(k_run),
@@ -97,6 +129,8 @@ def _init_state(run: _Run, key: jax.Array) -> step_lib.TrainState:
       example_weights=jnp.ones((n,), jnp.float32),
       last_scores=jnp.zeros((n,), jnp.float32),
       last_weights=jnp.ones((n,), jnp.float32),
+      solve_stats=jnp.zeros((3,), jnp.float32),
+      ema=jax.tree.map(jnp.copy, s_params),  # its own buffers: the step donates both
   )
 
 
@@ -105,7 +139,7 @@ def _teacher_tx(run: _Run):
   if cfg.kdaif.mechanism == "joint":
     joint = ml_collections.ConfigDict(cfg.teacher.optimizer.to_dict())
     joint.update(lr=cfg.kdaif.joint.lr, schedule="constant", warmup_epochs=0.0)
-    return optim.make_optimizer(joint, run.steps_per_epoch, cfg.student.epochs)
+    return optim.make_optimizer(joint, run.student_steps_per_epoch, cfg.student.epochs)
   return optim.make_optimizer(cfg.teacher.optimizer, run.steps_per_epoch,
                               max(cfg.teacher.epochs, 1))
 
@@ -153,7 +187,7 @@ def _eval_and_log(run: _Run, state: step_lib.TrainState, phase: str, epoch: int,
   for name in nets:
     model = run.teacher if name == "teacher" else run.student
     for split_name in ("val", "test"):
-      r = evaluate(run, model, getattr(state, name), getattr(run.ds, split_name))
+      r = evaluate(run, model, _eval_net(run, state, name), getattr(run.ds, split_name))
       results[(name, split_name)] = r
       run.writer.write({"kind": "eval", "phase": phase, "net": name, "split": split_name,
                         "step": int(state.step), "epoch": epoch, **r})
@@ -165,18 +199,40 @@ def _eval_and_log(run: _Run, state: step_lib.TrainState, phase: str, epoch: int,
 # --------------------------------------------------------------------------
 
 
+def _val_sampler(run: _Run):
+  """``(state, arrays) -> val batch``: the whole validation set (trimmed to a
+  multiple of the device count) or ``kdaif.val_batch_size`` examples drawn per step."""
+  ndev = run.mesh.shape[parallel.AXIS]
+  n_val = run.arrays["val_labels"].shape[0]
+  vb = min(run.cfg.kdaif.val_batch_size or n_val, n_val) // ndev * ndev
+
+  def sample(state, arrays):
+    if vb == n_val:
+      vidx = jnp.arange(vb)
+    else:
+      vkey = jax.random.fold_in(jax.random.wrap_key_data(state.key), -1 - state.step)
+      vidx = jax.random.choice(vkey, n_val, (vb,), replace=False)
+    return {"images": arrays["val_images"][vidx], "labels": arrays["val_labels"][vidx]}
+
+  return sample
+
+
+def _record(cfg, state, idx, scores, w):
+  if cfg.kdaif.mechanism in ("online", "joint"):
+    state = state.replace(last_scores=state.last_scores.at[idx].set(scores),
+                          last_weights=state.last_weights.at[idx].set(w))
+  return state
+
+
 def _sharded_train_fn(run: _Run, per_device, with_val: bool):
   """Jits the outer step: gather the batch from device arrays, run per device, record."""
   cfg, bsz = run.cfg, run.cfg.batch_size
-  ndev = run.mesh.shape[parallel.AXIS]
   if with_val:
     sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH, BATCH),
                             (REPLICATED, REPLICATED, BATCH))
   else:
     sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH), (REPLICATED, REPLICATED))
-  n_val = run.arrays["val_labels"].shape[0]
-  vb = cfg.kdaif.val_batch_size or n_val
-  vb = min(vb, n_val) // ndev * ndev
+  val_batch = _val_sampler(run)
 
   def outer(state, arrays, perm, i):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * bsz, bsz)
@@ -184,19 +240,49 @@ def _sharded_train_fn(run: _Run, per_device, with_val: bool):
              "noisy": arrays["train_noisy"][idx], "weights": state.example_weights[idx]}
     if not with_val:
       return sm(state, {"images": batch["images"], "labels": batch["labels"]})
-    if vb == n_val:
-      vidx = jnp.arange(vb)
-    else:
-      vkey = jax.random.fold_in(jax.random.wrap_key_data(state.key), -1 - state.step)
-      vidx = jax.random.choice(vkey, n_val, (vb,), replace=False)
-    val = {"images": arrays["val_images"][vidx], "labels": arrays["val_labels"][vidx]}
-    state, metrics, (scores, w) = sm(state, batch, val)
-    if cfg.kdaif.mechanism in ("online", "joint"):
-      state = state.replace(last_scores=state.last_scores.at[idx].set(scores),
-                            last_weights=state.last_weights.at[idx].set(w))
-    return state, metrics
+    state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
+    return _record(cfg, state, idx, scores, w), metrics
 
   return jax.jit(outer, donate_argnums=(0,))
+
+
+def _sharded_ssl_fn(run: _Run, per_device):
+  """Outer SSL step: epochs run over the unlabelled set; labelled examples are
+  drawn per step (without replacement within the step) from the labelled set."""
+  cfg = run.cfg
+  bl = cfg.batch_size
+  bu = bl * cfg.ssl.unlabelled_ratio
+  n_lab = len(run.ds.train)
+  sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH, BATCH),
+                          (REPLICATED, REPLICATED, BATCH))
+  val_batch = _val_sampler(run)
+
+  def outer(state, arrays, perm, i):
+    uidx = jax.lax.dynamic_slice_in_dim(perm, i * bu, bu)
+    lkey = jax.random.fold_in(jax.random.wrap_key_data(state.key), 2 ** 30 + state.step)
+    lidx = jax.random.choice(lkey, n_lab, (bl,), replace=bl > n_lab)
+    batch = {"lab_images": arrays["train_images"][lidx],
+             "lab_labels": arrays["train_labels"][lidx], "unl_images": arrays["unl_images"][uidx]}
+    state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
+    return _record(cfg, state, uidx, scores, w), metrics
+
+  return jax.jit(outer, donate_argnums=(0,))
+
+
+def _scored_arrays(run: _Run) -> dict:
+  """The device arrays of the scored split under the names the scorer reads."""
+  if not run.semi_supervised:
+    return run.arrays
+  return {**run.arrays, "train_images": run.arrays["unl_images"],
+          "train_labels": run.arrays["unl_labels"]}
+
+
+def _eval_net(run: _Run, state: step_lib.TrainState, name: str) -> step_lib.NetState:
+  """The network evaluated as ``name``: the student's EMA params when ``ssl.ema`` > 0."""
+  net = getattr(state, name)
+  if name == "student" and run.semi_supervised and run.cfg.ssl.ema > 0:
+    net = net.replace(params=state.ema)
+  return net
 
 
 def _epoch_perm(key: jax.Array, epoch: int, n: int) -> jax.Array:
@@ -205,9 +291,15 @@ def _epoch_perm(key: jax.Array, epoch: int, n: int) -> jax.Array:
 
 def _run_phase(run: _Run, phase: str, state: step_lib.TrainState, epochs: int,
                step_fns: dict, ckpt: checkpoint.PhaseCheckpoints, eval_nets: tuple[str, ...],
-               on_epoch_start=None) -> step_lib.TrainState:
-  """Steps ``state`` through ``epochs`` epochs with checkpoints, logs and evals."""
-  cfg, spe = run.cfg, run.steps_per_epoch
+               on_epoch_start=None, student_data: bool = False) -> step_lib.TrainState:
+  """Steps ``state`` through ``epochs`` epochs with checkpoints, logs and evals.
+
+  ``student_data``: epochs run over the scored split (the unlabelled set in SSL)
+  rather than the labelled training split.
+  """
+  cfg = run.cfg
+  spe = run.student_steps_per_epoch if student_data else run.steps_per_epoch
+  n = len(run.scored) if student_data else len(run.ds.train)
   # Every leaf placed on the mesh, or jit compiles the step twice (placed/unplaced inputs).
   state = parallel.replicate(state, run.mesh)
   total = epochs * spe
@@ -215,7 +307,6 @@ def _run_phase(run: _Run, phase: str, state: step_lib.TrainState, epochs: int,
   perm_key = jax.random.fold_in(jax.random.key(cfg.seed), hash(phase) % (2 ** 31))
   progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
   t0 = time.time()
-  n = len(run.ds.train)
   refresh_every = cfg.kdaif.refresh_every
   perm, perm_epoch = None, -1
   step = start
@@ -274,14 +365,21 @@ def _teacher_phase(run: _Run, state: step_lib.TrainState) -> step_lib.TrainState
 def _kd_fns(run: _Run, mechanism: str):
   cfg = ml_collections.ConfigDict(run.cfg.to_dict())
   cfg.kdaif.mechanism = mechanism
-  tx_s = optim.make_optimizer(cfg.student.optimizer, run.steps_per_epoch, cfg.student.epochs
-                              if mechanism == run.cfg.kdaif.mechanism else _proxy_epochs(cfg))
+  tx_s = optim.make_optimizer(cfg.student.optimizer, run.student_steps_per_epoch,
+                              cfg.student.epochs if mechanism == run.cfg.kdaif.mechanism
+                              else _proxy_epochs(cfg))
   tx_t = _teacher_tx(run) if mechanism == "joint" else None
-  make = functools.partial(step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t,
-                           run.prepare, cfg)
-  fns = {"refresh": _sharded_train_fn(run, make(refresh=True), with_val=True)}
+  if run.semi_supervised:
+    make = functools.partial(ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t,
+                             run.prepare, run.prepare_strong, cfg)
+    wrap = functools.partial(_sharded_ssl_fn, run)
+  else:
+    make = functools.partial(step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t,
+                             run.prepare, cfg)
+    wrap = functools.partial(_sharded_train_fn, run, with_val=True)
+  fns = {"refresh": wrap(make(refresh=True))}
   online = mechanism in ("online", "joint") and cfg.kdaif.refresh_every > 1
-  fns["stale"] = _sharded_train_fn(run, make(refresh=False), True) if online else fns["refresh"]
+  fns["stale"] = wrap(make(refresh=False)) if online else fns["refresh"]
   return fns
 
 
@@ -293,10 +391,10 @@ def _score_into(run: _Run, scorer, state: step_lib.TrainState, epoch: int, label
   """Scores the whole training set with the state's student and freezes the weights."""
   key = jax.random.fold_in(jax.random.key(run.cfg.seed + 17), epoch)
   t0 = time.time()
-  scores, info = scorer(state, run.arrays, key)
+  scores, info = scorer(state, _scored_arrays(run), key)
   w = np.asarray(weights_lib.get(run.cfg.kdaif.weights)(jnp.asarray(scores),
                                                         **_wkw(run.cfg)))
-  det = scoring.detection_metrics(w, run.ds.train.noisy)
+  det = scoring.detection_metrics(w, run.scored.noisy)
   run.writer.write({"kind": "scoring", "phase": label, "epoch": epoch,
                     "step": int(state.step), "cg_iterations": int(info.iterations),
                     "cg_residual": float(info.residual), "seconds": time.time() - t0,
@@ -322,7 +420,7 @@ def _student_phase(run: _Run, state: step_lib.TrainState, fresh_student) -> step
     proxy_done = state
     proxy, pckpt = _restore_or(run, "proxy", state)
     proxy = _run_phase(run, "proxy", proxy, _proxy_epochs(cfg), _kd_fns(run, "none"), pckpt,
-                       ("student",))
+                       ("student",), student_data=True)
     pckpt.close()
     scored = _score_into(run, scorer, proxy, 0, "static")
     state = proxy_done.replace(student=fresh_student, step=jnp.zeros((), jnp.int32),
@@ -339,9 +437,32 @@ def _student_phase(run: _Run, state: step_lib.TrainState, fresh_student) -> step
 
   nets = ("student", "teacher") if mech == "joint" else ("student",)
   state = _run_phase(run, "student", state, cfg.student.epochs, _kd_fns(run, mech), ckpt, nets,
-                     on_epoch)
+                     on_epoch, student_data=True)
   ckpt.close()
+  if run.semi_supervised and cfg.ssl.finetune_epochs > 0:
+    state = _finetune_phase(run, state)
   return state, scorer
+
+
+def _finetune_phase(run: _Run, state: step_lib.TrainState) -> step_lib.TrainState:
+  """Meta Pseudo Labels' last stage: the student fine-tuned on the labelled set alone."""
+  cfg = run.cfg
+  ft = ml_collections.ConfigDict(cfg.student.optimizer.to_dict())
+  ft.update(lr=cfg.ssl.finetune_lr, schedule="constant", warmup_epochs=0.0)
+  tx = optim.make_optimizer(ft, run.steps_per_epoch, cfg.ssl.finetune_epochs)
+  student = state.student
+  if cfg.ssl.ema > 0:  # continue from the weights that were being evaluated
+    student = student.replace(params=jax.tree.map(jnp.copy, state.ema))
+  state = state.replace(step=jnp.zeros((), jnp.int32),
+                        student=student.replace(opt_state=tx.init(student.params)))
+  state, ckpt = _restore_or(run, "finetune", state)
+  per_device = step_lib.make_supervised_step(run.student, tx, run.prepare, net="student")
+  fn = _sharded_train_fn(run, per_device, with_val=False)
+  state = _run_phase(run, "finetune", state, cfg.ssl.finetune_epochs,
+                     {"refresh": fn, "stale": fn}, ckpt, ())
+  ckpt.close()
+  # Evaluation after fine-tuning reads the fine-tuned weights, not the EMA.
+  return state.replace(ema=jax.tree.map(jnp.copy, state.student.params))
 
 
 def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
@@ -413,7 +534,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   student = models.create(cfg.student.model, ds.num_classes)
   writer = MetricsWriter(workdir)
   run = _Run(cfg, workdir, mesh, ds, _device_arrays(ds, mesh), teacher, student,
-             _make_prepare(ds, cfg), writer, len(ds.train) // cfg.batch_size, {}, {})
+             _make_prepare(ds, cfg), _make_prepare_strong(ds, cfg), writer,
+             len(ds.train) // cfg.batch_size, {}, {})
+  if run.semi_supervised and run.student_steps_per_epoch < 1:
+    raise ValueError(f"config.ssl.unlabelled_ratio={cfg.ssl.unlabelled_ratio} x batch_size="
+                     f"{cfg.batch_size} exceeds the {len(ds.unlabelled)} unlabelled examples; "
+                     "allowed: a product <= the unlabelled-set size")
   try:
     state = parallel.replicate(_init_state(run, jax.random.key(cfg.seed)), mesh)
     fresh_student = state.student
@@ -431,11 +557,11 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
   t0 = time.time()
   results = {}
   for name, model in (("teacher", run.teacher), ("student", run.student)):
-    net = getattr(state, name)
+    net = _eval_net(run, state, name)
     for split in ("val", "test"):
       results[(name, split)] = evaluate(run, model, net, getattr(ds, split),
                                         return_logits=(split == "test"))
-  final_scores, _ = scorer(state, run.arrays, jax.random.key(cfg.seed + 99))
+  final_scores, _ = scorer(state, _scored_arrays(run), jax.random.key(cfg.seed + 99))
   mech = cfg.kdaif.mechanism
   if mech == "none":
     infl, w = final_scores, np.ones_like(final_scores)
@@ -447,12 +573,14 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
                       teacher_logits=results[("teacher", "test")]["logits"],
                       student_logits=results[("student", "test")]["logits"])
   run.times["final"] = time.time() - t0
-  det = scoring.detection_metrics(w, ds.train.noisy) if mech != "none" else \
-      scoring.detection_metrics(-final_scores, ds.train.noisy)
+  det = scoring.detection_metrics(w, run.scored.noisy) if mech != "none" else \
+      scoring.detection_metrics(-final_scores, run.scored.noisy)
   count = lambda net: models.param_count(getattr(state, net).params)
   summary = {
       "dataset": ds.name, "mechanism": mech, "noise_rate": float(cfg.data.noise.rate),
       "noise_kind": cfg.data.noise.kind, "num_train": len(ds.train),
+      "num_unlabelled": len(ds.unlabelled) if run.semi_supervised else 0,
+      "num_scored": len(run.scored),
       "teacher": {"architecture": cfg.teacher.model, "parameters": count("teacher"),
                   "test_accuracy": results[("teacher", "test")]["accuracy"],
                   "val_accuracy": results[("teacher", "val")]["accuracy"]},
@@ -476,7 +604,7 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
 
 
 def _write_weights_csv(run: _Run, infl, w, final_scores) -> None:
-  tr = run.ds.train
+  tr = run.scored
   path = os.path.join(run.workdir, "weights.csv")
   with open(path, "w") as f:
     f.write("id,label,clean_label,noisy,influence,weight,final_influence\n")

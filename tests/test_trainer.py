@@ -16,7 +16,7 @@ import pytest
 from kdaif_jax import checkpoint, config as config_lib, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["default", "digits_noisy", "cifar100_kd"]
+CONFIGS = ["default", "digits_noisy", "cifar100_kd", "digits_ssl", "cifar10_4k", "svhn_1k"]
 
 
 def load_config(name, arg="smoke"):
@@ -60,9 +60,12 @@ def test_config_smoke_writes_every_file(name, tmp_path):
     assert 0.0 <= summary[net]["test_accuracy"] <= 1.0
     assert summary[net]["parameters"] > 0
     assert summary[net]["architecture"] == cfg[net].model
-  assert summary["student"]["parameters"] < summary["teacher"]["parameters"]
+  assert summary["student"]["parameters"] <= summary["teacher"]["parameters"]
   rows = read_csv(tmp_path / "weights.csv")
-  assert len(rows) == summary["num_train"]
+  assert len(rows) == summary["num_scored"]
+  if cfg.data.num_labelled:
+    assert summary["num_scored"] == summary["num_unlabelled"] > 0
+    assert {int(r["label"]) for r in rows} == {-1}  # labels dropped from what training sees
   w = np.array([float(r["weight"]) for r in rows])
   assert np.all(np.isfinite(w)) and np.all(w > 0)
   lines = read_jsonl(tmp_path / "metrics.jsonl")

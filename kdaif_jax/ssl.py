@@ -1,0 +1,189 @@
+"""Semi-supervised KD-AIF (METHOD.md section 5): the per-device SSL step.
+
+Teacher on weak views, student on strong views (UDA / Meta Pseudo Labels):
+
+  student:  λ_u · Σ_j w_j ℓ_j / Σ_j w_j  +  mean_l CE(y_l, S(weak(x_l)))
+            ℓ_j = τ²·KL(softmax(T(weak u_j)/τ) ‖ softmax(S(strong u_j)/τ))   (targets "soft")
+                 or CE(argmax T(weak u_j), S(strong u_j))                     (targets "hard")
+            w_j = KD-AIF weights of the unlabelled examples (none: 1)
+  teacher (joint only):
+            mean_l CE(y_l, T(weak x_l))
+            + λ_uda · mean_j m_j·KL(sharpen(T(weak u_j)) ‖ T(strong u_j))    (UDA, optional)
+            + μ · mean_j h_j · CE(ŷ_j, T(weak u_j)),   h_j = −I_j / std(I)
+
+ŷ_j is the teacher's hard pseudo-label on the weak view, m_j = 1 where the
+teacher's confidence passes the UDA threshold. The student's weights and the
+teacher's feedback both come from one influence computation on the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdaif_jax import config as config_lib, influence, losses, weights as weights_lib
+from kdaif_jax.step import (NetState, TrainState, apply_update, pmean, weight_metrics,
+                            feedback_weights, step_key, teacher_feedback_loss)
+
+
+def unlabelled_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, targets: str,
+                    temperature: float) -> jax.Array:
+  """Per-example loss of the student on unlabelled examples, [B].
+
+  Args:
+    student_logits: [B, K] on strong views.
+    teacher_logits: [B, K] on weak views (constants).
+    targets: "soft" (τ²·KL at temperature τ) or "hard" (CE with argmax pseudo-labels).
+    temperature: τ for soft targets.
+
+  Returns:
+    [B] losses.
+  """
+  if targets == "hard":
+    return losses.cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
+  return losses.kd_loss(student_logits, teacher_logits, None, temperature=temperature)
+
+
+def uda_consistency(t_weak: jax.Array, t_strong: jax.Array, *, threshold: float,
+                    temperature: float) -> tuple[jax.Array, jax.Array]:
+  """UDA's confidence-masked consistency (Xie et al. 2020), per example.
+
+  Args:
+    t_weak: [B, K] teacher logits on weak views (targets; gradient stopped here).
+    t_strong: [B, K] teacher logits on strong views (differentiated).
+    threshold: keep examples whose weak-view max probability ≥ threshold.
+    temperature: sharpening temperature of the targets (< 1 sharpens).
+
+  Returns:
+    ([B] masked KL(sharpened weak ‖ strong), [B] float mask).
+  """
+  t_weak = jax.lax.stop_gradient(t_weak)
+  mask = (jnp.max(jax.nn.softmax(t_weak), axis=-1) >= threshold).astype(jnp.float32)
+  target = jax.nn.softmax(t_weak / temperature)
+  kl = losses.cross_entropy(t_strong, target) + jnp.sum(target * jnp.log(target + 1e-12), -1)
+  return mask * kl, mask
+
+
+def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
+                  tx_teacher: optax.GradientTransformation | None, prepare_weak: Callable,
+                  prepare_strong: Callable, cfg, *, refresh: bool = True,
+                  axis_name: str | None = "data") -> Callable:
+  """One semi-supervised step (student; teacher too for ``joint``).
+
+  Args:
+    student, teacher: ``models.Model``s.
+    tx_student, tx_teacher: optax transformations (teacher: ``joint`` only).
+    prepare_weak, prepare_strong: ``(key, uint8 images) -> normalised inputs``.
+    cfg: run config (reads kd, kdaif, ssl).
+    refresh: recompute g_V and s this step; otherwise reuse ``state.s``.
+    axis_name: mesh axis.
+
+  Returns:
+    ``step(state, batch, val) -> (state, metrics, (scores [bu], weights [bu]))``;
+    batch: lab_images [bl], lab_labels [bl], unl_images [bu]; val: images, labels.
+  """
+  k, ssl = cfg.kdaif, cfg.ssl
+  mech = k.mechanism
+  online = mech in ("online", "joint")
+  wmap = weights_lib.get(k.weights)
+  wkw = {"temperature": k.weight_temperature} if k.weights == "sigmoid" else {}
+  per_ex = lambda out, t: unlabelled_loss(out, t, targets=ssl.targets,
+                                          temperature=cfg.kd.temperature)
+
+  def step(state: TrainState, batch: dict, val: dict):
+    k_l, k_w, k_s = jax.random.split(step_key(state, axis_name), 3)
+    xl, yl = prepare_weak(k_l, batch["lab_images"]), batch["lab_labels"]
+    xw = prepare_weak(k_w, batch["unl_images"])
+    xs = prepare_strong(k_s, batch["unl_images"])
+    stu, tea = state.student, state.teacher
+    t_weak = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, xw, False)[0])
+    metrics, s = {}, state.s
+    if online:
+      train_loss = influence.PerExampleLoss(
+          outputs_fn=lambda p: student.apply(p, stu.model_state, xs, False)[0],
+          loss_fn=lambda out: per_ex(out, t_weak))
+      if refresh:
+        xv = prepare_weak(None, val["images"])
+        val_loss = lambda p: jnp.mean(losses.cross_entropy(
+            student.apply(p, stu.model_state, xv, False)[0], val["labels"]))
+        g_v = pmean(jax.grad(val_loss)(stu.params), axis_name)
+        matvec = (lambda v: v) if k.solver == "identity" else (
+            lambda v, mv=influence.curvature_matvec(train_loss, stu.params, k.curvature):
+            pmean(mv(v), axis_name))
+        s, info = influence.inverse_hvp(
+            matvec, g_v, solver=k.solver, damping=k.damping, maxiter=k.cg_iters, tol=k.cg_tol,
+            x0=state.s if k.warm_start else None, lissa_scale=k.lissa_scale,
+            unroll=config_lib.unroll_option(k.unroll))
+        stats = jnp.stack([info.iterations.astype(jnp.float32), info.residual,
+                           info.negative_curvature.astype(jnp.float32)])
+      else:
+        stats = state.solve_stats
+      metrics.update(cg_iterations=stats[0], cg_residual=stats[1], cg_negative_curvature=stats[2])
+      state = state.replace(solve_stats=stats)
+      scores = influence.scores(train_loss, stu.params, s)
+      w = jax.lax.stop_gradient(wmap(scores, axis_name=axis_name, **wkw))
+    else:
+      scores = jnp.zeros((xs.shape[0],), jnp.float32)
+      w = jnp.ones_like(scores)
+    denom = pmean(jnp.mean(w), axis_name)
+    nl = xl.shape[0]
+
+    def student_loss(p):
+      # One forward over labelled + unlabelled so batch norm sees the joint batch.
+      logits, ms = student.apply(p, stu.model_state, jnp.concatenate([xl, xs]), True)
+      lab = jnp.mean(losses.cross_entropy(logits[:nl], yl))
+      unl_per = per_ex(logits[nl:], t_weak)
+      unl = jnp.mean(w * unl_per) / denom
+      return lab + ssl.unlabelled_weight * unl, (ms, lab, unl_per, logits[:nl])
+
+    (loss, (ms, lab, unl_per, lab_logits)), grads = jax.value_and_grad(
+        student_loss, has_aux=True)(stu.params)
+    grads, ms, loss, lab = pmean((grads, ms, loss, lab), axis_name)
+    new_student = apply_update(stu, tx_student, grads, ms)
+    ema = state.ema
+    if ssl.ema > 0:
+      ema = jax.tree.map(lambda e, p: ssl.ema * e + (1 - ssl.ema) * p, ema, new_student.params)
+    metrics.update(loss=loss, labelled_loss=lab,
+                   unlabelled_loss=pmean(jnp.mean(unl_per), axis_name),
+                   accuracy=pmean(jnp.mean(losses.accuracy(lab_logits, yl)), axis_name),
+                   **weight_metrics(w, scores, {"noisy": jnp.zeros(w.shape, bool)}, axis_name))
+    new_teacher = tea
+    if mech == "joint":
+      new_teacher, tm = _teacher_update(teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores,
+                                        cfg, axis_name)
+      metrics.update(tm)
+    state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher, s=s,
+                          ema=ema)
+    return state, metrics, (scores, w)
+
+  return step
+
+
+def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, cfg, axis_name):
+  ssl, mu = cfg.ssl, cfg.kdaif.joint.mu
+  pseudo = jnp.argmax(t_weak, axis=-1)
+  h = feedback_weights(scores, axis_name)
+  nl, nu = xl.shape[0], xw.shape[0]
+  use_uda = ssl.uda_weight > 0
+
+  def loss_fn(p):
+    inputs = [xl, xw] + ([xs] if use_uda else [])
+    logits, ms = teacher.apply(p, tea.model_state, jnp.concatenate(inputs), True)
+    sup = jnp.mean(losses.cross_entropy(logits[:nl], yl))
+    fb = teacher_feedback_loss(logits[nl:nl + nu], pseudo, h)
+    total = sup + mu * fb
+    uda = jnp.zeros(())
+    if use_uda:
+      per, _ = uda_consistency(t_weak, logits[nl + nu:], threshold=ssl.uda_threshold,
+                               temperature=ssl.uda_temperature)
+      uda = jnp.mean(per)
+      total = total + ssl.uda_weight * uda
+    return total, (ms, sup, fb, uda)
+
+  (loss, (ms, sup, fb, uda)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tea.params)
+  grads, ms, loss, sup, fb, uda = pmean((grads, ms, loss, sup, fb, uda), axis_name)
+  return apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
+                                              "teacher_feedback": fb, "teacher_uda": uda}

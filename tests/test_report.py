@@ -1,0 +1,224 @@
+"""The SAFE report: its helpers on hand-made inputs, a real tiny run, a damaged copy, the CLI."""
+
+import base64
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+from sklearn.metrics import roc_auc_score
+
+from kdaif_jax import report, scoring, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg="smoke"):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """A finished tiny run: digits with 40% flipped labels, mlp -> mlp, online KD-AIF."""
+  cfg = load_config("digits_noisy")
+  cfg.teacher.model = cfg.student.model = "mlp"
+  cfg.kdaif.mechanism = "online"
+  workdir = str(tmp_path_factory.mktemp("run"))
+  trainer.train_and_evaluate(cfg, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def full_report(run_dir):
+  return report.write_report(run_dir)
+
+
+def _read(path):
+  return pathlib.Path(path).read_text(encoding="utf-8")
+
+
+def _check_pngs_and_html(out):
+  assert out["figures"]
+  for path in out["figures"].values():
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+  page = _read(out["report_html"])
+  embedded = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+  files = {pathlib.Path(p).read_bytes() for p in out["figures"].values()}
+  assert len(embedded) == len(out["figures"])
+  assert {base64.b64decode(e) for e in embedded} == files
+  assert "src='" + os.sep not in page  # self-contained: no file links
+
+
+def test_report_of_a_finished_run(run_dir, full_report):
+  out = full_report
+  assert os.path.dirname(out["report_md"]) == os.path.join(run_dir, "report")
+  assert set(out["figures"]) == {"training_curves.png", "weights.png", "most_helpful.png",
+                                 "most_harmful.png", "per_class_accuracy.png", "reliability.png"}
+  _check_pngs_and_html(out)
+  assert out["missing"] == []
+  md = _read(out["report_md"])
+  for word in ("AUROC", "ECE", "FLOPs", "compression", "precision@", "worst class",
+               "Teacher from checkpoints/teacher", "## Missing", "Nothing: every file"):
+    assert word in md, word
+  for name in out["figures"]:
+    assert f"]({name})" in md
+  # The report's detection numbers are the trainer's (same function, same weights.csv).
+  summary = json.loads(_read(os.path.join(run_dir, "summary.json")))
+  det = out["numbers"]["detection"]["low training weight (`weight`)"]
+  assert det["auroc"] == pytest.approx(summary["noise_detection"]["auroc"], abs=1e-6)
+  assert 0.0 <= out["numbers"]["student_ece"] <= 1.0
+  # mlp -> mlp: same size.
+  assert out["numbers"]["compression_ratio"] == pytest.approx(1.0)
+  assert out["numbers"]["flops"]["student"] > 0
+
+
+def test_report_with_a_baseline_estimates_the_influence_share(run_dir, tmp_path):
+  base = tmp_path / "base"
+  shutil.copytree(run_dir, base, ignore=shutil.ignore_patterns("checkpoints", "report"))
+  summary = json.loads((base / "summary.json").read_text())
+  rate = summary["steps_per_second"]["student"]
+  summary.update(mechanism="none")
+  summary["steps_per_second"]["student"] = 4 * rate
+  (base / "summary.json").write_text(json.dumps(summary))
+  out = report.write_report(run_dir, baseline=str(base), out_dir=str(tmp_path / "rep"))
+  assert out["numbers"]["influence_share"] == pytest.approx(0.75, abs=1e-3)
+  md = _read(out["report_md"])
+  assert "baseline student (none)" in md and "1 - rate/rate_plain" in md
+  assert out["missing"] == []
+
+
+def test_damaged_copy_still_reports_and_names_what_is_missing(run_dir, tmp_path):
+  copy = tmp_path / "copy"
+  shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report"))
+  os.remove(copy / "weights.csv")
+  text = (copy / "metrics.jsonl").read_text()
+  cut = text.rindex("\n", 0, len(text) - 1) + 20  # 20 characters into the last line
+  (copy / "metrics.jsonl").write_text(text[:cut])
+  out = report.write_report(str(copy))
+  missing = {m["file"]: m for m in out["missing"]}
+  assert "not found" in missing["workdir/weights.csv"]["problem"]
+  assert "noise detection" in missing["workdir/weights.csv"]["disabled"]
+  assert "truncated" in missing["workdir/metrics.jsonl"]["problem"]
+  assert "weights.png" not in out["figures"] and "training_curves.png" in out["figures"]
+  _check_pngs_and_html(out)
+  md = _read(out["report_md"])
+  assert "## Missing" in md and "weights.csv" in md and "ECE" in md
+
+
+def test_empty_folder_gives_a_report_of_missing_files(tmp_path):
+  out = report.write_report(str(tmp_path))
+  names = {m["file"] for m in out["missing"]}
+  for f in ("config.json", "summary.json", "metrics.jsonl", "weights.csv", "predictions.npz"):
+    assert f"workdir/{f}" in names
+  assert os.path.exists(out["report_md"]) and os.path.exists(out["report_html"])
+
+
+def test_cli_writes_the_report(run_dir, tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "kdaif_jax.report", run_dir, "--out",
+                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "ECE" in (tmp_path / "report.md").read_text()
+  assert (tmp_path / "report.html").exists()
+
+
+# --------------------------------------------------------------------------
+# Helpers on hand-made inputs
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights, noisy", [
+    ([0.1, 0.5, 0.5, 0.9, 0.5, 1.2, 0.3, 0.5], [1, 1, 0, 0, 1, 0, 0, 0]),  # ties across groups
+    ([1.0, 1.0, 1.0, 1.0], [1, 0, 0, 1]),  # all tied: 0.5
+    ([0.2, 0.4, 0.6, 0.8, 1.0], [1, 1, 0, 0, 0]),  # perfect
+    ([0.2, 0.4, 0.6, 0.8, 1.0], [0, 0, 0, 1, 1]),  # inverted
+])
+def test_detection_metrics_match_sklearn(weights, noisy):
+  w, y = np.asarray(weights), np.asarray(noisy, bool)
+  det = scoring.detection_metrics(w, y)
+  assert det["auroc"] == pytest.approx(roc_auc_score(y, -w), abs=1e-12)
+  assert det["num_noisy"] == y.sum()
+
+
+def test_detection_precision_at_k_by_hand():
+  # k = 3 flipped; the 3 lowest weights are ids 0 (flipped), 3 (clean), 5 (flipped).
+  w = np.array([0.1, 0.9, 0.8, 0.2, 0.7, 0.3, 0.6])
+  y = np.array([1, 0, 0, 0, 0, 1, 1], bool)
+  assert scoring.detection_metrics(w, y)["precision_at_k"] == pytest.approx(2 / 3)
+  # Ties inside the k lowest do not matter: 0.2, 0.2 and 0.1 are all taken.
+  w2 = np.array([0.2, 0.2, 0.9, 0.9, 0.1, 0.95])
+  y2 = np.array([1, 0, 0, 0, 1, 1], bool)
+  assert scoring.detection_metrics(w2, y2)["precision_at_k"] == pytest.approx(2 / 3)
+  assert scoring.detection_metrics(w, np.zeros(7, bool))["auroc"] is None
+
+
+def test_ece_by_hand():
+  # Confidences 0.95 (bin 14), 0.9 (bin 13), 0.55 (bin 8), 0.55 (bin 8), 0.42 (bin 6).
+  probs = np.array([[0.95, 0.05, 0.0], [0.1, 0.9, 0.0], [0.55, 0.45, 0.0], [0.45, 0.55, 0.0],
+                    [0.29, 0.29, 0.42]])
+  labels = np.array([0, 0, 0, 0, 2])
+  # Correct: yes, no, yes, no, yes.  Bin 14: |1 - 0.95| * 1; bin 13: |0 - 0.9| * 1;
+  # bin 8: |0.5 - 0.55| * 2; bin 6 (0.42 in (6/15, 7/15]): |1 - 0.42| * 1.
+  by_hand = (0.05 + 0.9 + 2 * 0.05 + 0.58) / 5
+  assert report.expected_calibration_error(probs, labels) == pytest.approx(by_hand)
+  # One bin: |accuracy - mean confidence| of everything.
+  assert report.expected_calibration_error(probs, labels, num_bins=1) == pytest.approx(
+      abs(3 / 5 - (0.95 + 0.9 + 0.55 + 0.55 + 0.42) / 5))
+  # Perfectly confident and right: 0.
+  assert report.expected_calibration_error(np.eye(3), np.arange(3)) == pytest.approx(0.0)
+
+
+def test_per_class_accuracy_by_hand():
+  logits = np.array([[2, 1, 0], [0, 3, 1], [5, 0, 0], [0, 0, 1], [0, 1, 0]], float)
+  labels = np.array([0, 1, 1, 2, 0])
+  # class 0: examples 0 (right), 4 (wrong) -> 0.5; class 1: 1 (right), 2 (wrong) -> 0.5;
+  # class 2: 3 (right) -> 1; class 3: none -> NaN.
+  acc = report.per_class_accuracy(logits, labels, 4)
+  np.testing.assert_allclose(acc[:3], [0.5, 0.5, 1.0])
+  assert np.isnan(acc[3])
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_forward_flops_of_a_dense_layer(use_bias):
+  # XLA counts the dot as 2 flops per multiply-add (2 * in * out) and the bias
+  # add as 1 per output element.
+  n_in, n_out = 13, 7
+  flops = report.forward_flops(nn.Dense(n_out, use_bias=use_bias), (1, n_in))
+  assert flops == 2 * n_in * n_out + (n_out if use_bias else 0)
+
+
+def test_forward_flops_of_a_registry_model_scales_with_width():
+  from kdaif_jax import models
+  small = report.forward_flops(models.create("mlp", 10, hidden=8), (1, 8, 8, 1))
+  big = report.forward_flops(models.create("mlp", 10, hidden=16), (1, 8, 8, 1))
+  # Dense 64->h (+bias, +relu) and h->10 (+bias).
+  assert small == 2 * 64 * 8 + 8 + 8 + 2 * 8 * 10 + 10
+  assert big > small
+
+
+def test_read_metrics_keeps_the_last_line_and_skips_broken_ones(tmp_path):
+  lines = [
+      {"kind": "train", "phase": "student", "step": 2, "loss": 1.0},
+      {"kind": "eval", "phase": "student", "net": "student", "split": "val", "step": 2,
+       "accuracy": 0.5},
+      {"kind": "train", "phase": "student", "step": 2, "loss": 0.5},  # resumed: rewritten
+      {"kind": "train", "phase": "student", "step": 4, "loss": "nan"},
+  ]
+  text = "\n".join(json.dumps(x) for x in lines) + "\n[1, 2]\n\n" + '{"kind": "tra'
+  (tmp_path / "metrics.jsonl").write_text(text)
+  records, problems = report.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [(r["kind"], r["step"], r.get("loss")) for r in records] == [
+      ("eval", 2, None), ("train", 2, 0.5), ("train", 4, "nan")]
+  assert len(problems) == 2 and "line 7" in problems[1] and "truncated" in problems[1]
+  assert report.read_metrics(str(tmp_path / "none.jsonl")) == ([], ["none.jsonl not found"])

@@ -1,0 +1,130 @@
+"""Semi-supervised pieces: unlabelled losses, UDA, the joint feedback sign with
+real influence, and the SSL step on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdaif_jax import config as config_lib, influence, losses, models, ssl, step as step_lib
+
+
+def test_unlabelled_loss_soft_and_hard():
+  s = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+  t = jnp.array([[0.0, 3.0, 0.0], [1.0, 1.0, 1.0]])
+  hard = ssl.unlabelled_loss(s, t, targets="hard", temperature=1.0)
+  np.testing.assert_allclose(hard, losses.cross_entropy(s, jnp.array([1, 0])), rtol=1e-6)
+  soft = ssl.unlabelled_loss(s, t, targets="soft", temperature=2.0)
+  pt, ps = jax.nn.softmax(t / 2), jax.nn.softmax(s / 2)
+  np.testing.assert_allclose(soft, 4 * jnp.sum(pt * jnp.log(pt / ps), -1), rtol=1e-5)
+
+
+def test_uda_consistency_masks_unconfident_and_is_kl():
+  t_weak = jnp.array([[5.0, 0.0], [0.1, 0.0]])  # confident, unconfident
+  t_strong = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  per, mask = ssl.uda_consistency(t_weak, t_strong, threshold=0.8, temperature=0.5)
+  np.testing.assert_array_equal(mask, [1.0, 0.0])
+  q = jax.nn.softmax(t_weak[0] / 0.5)
+  p = jax.nn.softmax(t_strong[0])
+  np.testing.assert_allclose(per[0], jnp.sum(q * jnp.log(q / p)), rtol=1e-5)
+  assert per[1] == 0.0
+
+
+def test_joint_feedback_sign_with_real_influence():
+  # Student: logistic regression on two well-separated Gaussian classes, trained on
+  # clean data. Teacher: one free logit vector per unlabelled example, so one update
+  # moves each example's pseudo-label probability by its own feedback term only.
+  # Pseudo-label of example 0 is wrong, of example 1 right.
+  jax.config.update("jax_enable_x64", True)
+  try:
+    rng = np.random.default_rng(0)
+    mu = np.array([[-2.0, 0.0], [2.0, 0.0]])
+    def sample(n):
+      y = rng.integers(0, 2, n)
+      return jnp.asarray(mu[y] + rng.normal(size=(n, 2))), jnp.asarray(y)
+    xtr, ytr = sample(200)
+    xv, yv = sample(200)
+    out = lambda p, x: x @ p["w"] + p["b"]
+    params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
+    loss = lambda p: jnp.mean(losses.cross_entropy(out(p, xtr), ytr)) + 1e-3 * jnp.sum(p["w"] ** 2)
+    opt = optax.lbfgs()
+    state = opt.init(params)
+    for _ in range(50):
+      value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
+      upd, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+      params = optax.apply_updates(params, upd)
+    xu = jnp.array([[2.5, 0.3], [-2.5, -0.2]])  # true classes 1 and 0
+    t_logits = jnp.array([[2.0, 0.0], [2.0, 0.0]])  # both pseudo-labels: class 0
+    pseudo = jnp.argmax(t_logits, -1)
+    train_loss = influence.PerExampleLoss(lambda p: out(p, xu),
+                                          lambda o: losses.cross_entropy(o, pseudo))
+    val_loss = lambda p: jnp.mean(losses.cross_entropy(out(p, xv), yv))
+    res = influence.batch_influence(params, train_loss, val_loss, curvature="hessian",
+                                    damping=0.01, maxiter=20)
+    assert res.scores[0] > 0 > res.scores[1]  # wrong label harmful, right one helpful
+    h = step_lib.feedback_weights(res.scores)
+    grad = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(t_logits)
+    new = t_logits - 0.5 * grad
+    p_old, p_new = jax.nn.softmax(t_logits), jax.nn.softmax(new)
+    assert p_new[0, 0] < p_old[0, 0]  # wrong pseudo-label became less likely
+    assert p_new[1, 0] > p_old[1, 0]  # helpful pseudo-label became more likely
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def _ssl_setup(mechanism, **ssl_overrides):
+  cfg = config_lib.base_config()
+  cfg.kdaif.mechanism = mechanism
+  cfg.kdaif.cg_iters = 2
+  cfg.ssl.update(ssl_overrides)
+  teacher, student = models.create("mlp", 3, hidden=16), models.create("mlp", 3, hidden=8)
+  k = jax.random.split(jax.random.key(0), 5)
+  sample = jnp.zeros((1, 4, 4, 1))
+  tp, tms = teacher.init(k[0], sample)
+  sp, sms = student.init(k[1], sample)
+  tx = optax.sgd(0.1)
+  state = step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), key=jax.random.key_data(k[2]),
+      student=step_lib.NetState(sp, sms, tx.init(sp)),
+      teacher=step_lib.NetState(tp, tms, tx.init(tp)), s=jax.tree.map(jnp.zeros_like, sp),
+      example_weights=jnp.ones(8), last_scores=jnp.zeros(8), last_weights=jnp.ones(8),
+      solve_stats=jnp.zeros(3), ema=jax.tree.map(jnp.copy, sp))
+  img = lambda kk, n: jax.random.randint(kk, (n, 4, 4, 1), 0, 256).astype(jnp.uint8)
+  batch = {"lab_images": img(k[3], 4), "lab_labels": jnp.array([0, 1, 2, 0]),
+           "unl_images": img(k[4], 8)}
+  val = {"images": img(k[2], 6), "labels": jnp.array([0, 1, 2, 0, 1, 2])}
+  weak = lambda key, im: im.astype(jnp.float32) / 255.0
+  strong = lambda key, im: 1.0 - im.astype(jnp.float32) / 255.0
+  fn = ssl.make_ssl_step(student, teacher, tx, tx, weak, strong, cfg, axis_name=None)
+  return state, batch, val, jax.jit(fn)
+
+
+def _differ(a, b):
+  return any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("mechanism", ["none", "online", "joint"])
+def test_ssl_step_updates(mechanism):
+  state, batch, val, fn = _ssl_setup(mechanism, uda_weight=1.0 if mechanism == "joint" else 0.0,
+                                     ema=0.9)
+  new, metrics, (scores, w) = fn(state, batch, val)
+  assert scores.shape == (8,) and w.shape == (8,)
+  assert _differ(state.student.params, new.student.params)
+  assert _differ(state.ema, new.ema)
+  assert _differ(state.teacher.params, new.teacher.params) == (mechanism == "joint")
+  assert np.isfinite(float(metrics["loss"]))
+  if mechanism != "none":
+    assert float(jnp.std(w)) > 0
+    np.testing.assert_allclose(float(jnp.mean(w)), 1.0, atol=1e-5)
+  if mechanism == "joint":
+    assert "teacher_uda" in metrics
+
+
+def test_ssl_labelled_only_ignores_unlabelled_images():
+  state, batch, val, fn = _ssl_setup("none", unlabelled_weight=0.0)
+  a, _, _ = fn(state, batch, val)
+  batch2 = dict(batch, unl_images=255 - batch["unl_images"])
+  b, _, _ = fn(state, batch2, val)
+  for x, y in zip(jax.tree.leaves(a.student.params), jax.tree.leaves(b.student.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

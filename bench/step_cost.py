@@ -1,32 +1,40 @@
 """Cost of the KD-AIF online student step against the plain KD step, CIFAR-shaped.
 
 Usage (from the repository root):
-    .venv/bin/python bench/step_cost.py            # both pairs, every setting
-    .venv/bin/python bench/step_cost.py --quick    # one pair, fewer settings, 3 repeats
+    .venv/bin/python bench/step_cost.py            # both pairs, every setting timed
+    .venv/bin/python bench/step_cost.py --quick    # first pair, core settings, 3 repeats
+    .venv/bin/python bench/step_cost.py --sweep-pairs first --untimed online_cg10
+                                                   # what fits ~30 min on 2 shared cores
 
 What is timed: the per-device step of ``kdaif_jax.step.make_kd_step`` (the one the
 trainer shard_maps), built with ``axis_name=None`` and jitted, on one batch of 128
 random uint8 images [128, 32, 32, 3] with 100 classes (CIFAR-100 shapes), a
 validation batch of 128, ``prepare`` = normalisation only (no augmentation), the
-student optimiser of configs (SGD, Nesterov, weight decay, cosine). Every step is
-compiled ahead (``jit(...).lower(...).compile()``, compile time recorded), run once
-untimed, then timed ``--repeats`` times with ``block_until_ready``; the median is
-reported. The same state is fed to every call (nothing donated), so every call does
-the same work (unrolled CG runs all k iterations; converged ones are masked).
+student optimiser of the base config (SGD, Nesterov, weight decay, cosine). Every
+step is compiled ahead (``jit(...).lower(...).compile()``, compile time recorded),
+run once untimed, then timed ``--repeats`` times with ``block_until_ready``; the
+median is reported. The same state is fed to every call (nothing donated), so every
+call does the same work (unrolled CG runs all k iterations; converged ones are
+masked). XLA's FLOP count of every compiled step is recorded too: on a CPU shared
+with other jobs the FLOP ratio is the load-independent view of the same cost.
 
-Settings (all with the config defaults: GGN curvature, damping 0.1, sigmoid weights,
-CG warm-started, unrolled on CPU):
+Pairs (student <- teacher): wrn_16_2 <- wrn_40_2 and resnet8x4 <- resnet32x4.
+Settings (config defaults: GGN curvature, damping 0.1, sigmoid weights, CG
+warm-started, unrolled on CPU):
   plain            mechanism none: teacher forward + one student KD update
   online_cgK       mechanism online, refresh step (g_V + K CG iterations + scores +
                    weighted update), K in {1, 3, 5, 10}; K = 5 is the default
   online_stale     mechanism online, ``refresh=False`` (reuses s: scores + update)
   online_identity  solver identity (s = g_V, gradient alignment), refresh step
-  teacher_forward  the teacher's forward pass alone (context: part of every step)
+  teacher_forward  the teacher's forward pass alone (part of every step)
+Core settings (plain, online_stale, online_cg5) are timed on every pair; the sweep
+(the others) on the pairs of ``--sweep-pairs`` and compiled only (FLOPs) elsewhere;
+``--untimed`` compiles the named settings only, everywhere.
 Refresh interval R: amortised per-step cost (t_refresh + (R - 1) t_stale) / R,
 R in {1, 5, 10}, from online_cg5 and online_stale.
 
 Target (the issue): online step with the default settings (cg_iters 5,
-refresh_every 1) <= 3x the plain KD step. Reported as met or missed.
+refresh_every 1) <= 3x the plain KD step (wall time). Printed as MET or MISSED.
 
 Writes bench/results/step_cost.json (or --out).
 """
@@ -35,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import time
 
 import _common  # bench/_common.py (the script's folder is on sys.path)
@@ -54,8 +64,13 @@ CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
 TARGET_RATIO = 3.0
 DEFAULT_PAIRS = ("wrn_16_2:wrn_40_2", "resnet8x4:resnet32x4")
-CG_ITERS = (1, 3, 5, 10)
 REFRESH = (1, 5, 10)
+# Timed on every pair: the target (online_cg5) and what the refresh interval needs.
+CORE = ("plain", "online_stale", "online_cg5")
+# Timed on the pairs of --sweep-pairs; compiled only (FLOPs) on the others.
+SWEEP = ("teacher_forward", "online_identity", "online_cg1", "online_cg3", "online_cg10")
+ALL_SETTINGS = ("plain", "teacher_forward", "online_stale", "online_identity", "online_cg1",
+                "online_cg3", "online_cg5", "online_cg10")
 
 
 def make_cfg(mechanism: str, cg_iters: int = 5, solver: str = "cg"):
@@ -125,29 +140,39 @@ def _flops(compiled) -> float | None:
     return None
 
 
-def measure(fn, args, repeats: int, label: str) -> dict:
-  """Compile ahead, one untimed run, ``repeats`` timed runs; returns the record."""
+def measure(fn, args, repeats: int | None, label: str) -> dict:
+  """Compile ahead, one untimed run, ``repeats`` timed runs; returns the record.
+
+  ``repeats=None`` compiles only (compile time and XLA's FLOP count, no run).
+  """
   t0 = time.perf_counter()
   lowered = jax.jit(fn).lower(*args)
   trace_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  rec = {"timed": repeats is not None, "trace_s": round(trace_s, 3),
+         "compile_s": round(compile_s, 3), "flops": _flops(compiled)}
+  gflop = f"{rec['flops'] / 1e9:7.1f} GFLOP" if rec["flops"] else "  ? GFLOP"
+  if repeats is None:
+    print(f"  {label:18s} {'(not timed)':>13s}   {gflop}  (compile {compile_s:6.1f} s)", flush=True)
+    return rec
   r = _common.time_fn(compiled, args, repeats, warmup=1)
   out = r.pop("out")
-  rec = {"median_ms": r["median_ms"], "min_ms": r["min_ms"], "max_ms": r["max_ms"],
-         "times_ms": r["times_ms"], "trace_s": round(trace_s, 3), "compile_s": round(compile_s, 3),
-         "first_run_s": round(r["first_call_s"], 3), "flops": _flops(compiled)}
+  rec.update(median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"],
+             times_ms=r["times_ms"], first_run_s=round(r["first_call_s"], 3))
   metrics = out[1] if isinstance(out, tuple) and len(out) > 1 else None
   if isinstance(metrics, dict) and "cg_iterations" in metrics:
     rec["cg_iterations"] = float(metrics["cg_iterations"])
     rec["cg_residual"] = float(metrics["cg_residual"])
-  print(f"  {label:18s} {rec['median_ms']:10.1f} ms   (compile {compile_s:6.1f} s, "
-        f"trace {trace_s:4.1f} s, range {rec['min_ms']:.0f}-{rec['max_ms']:.0f} ms)", flush=True)
+  print(f"  {label:18s} {rec['median_ms']:10.1f} ms   {gflop}  (compile {compile_s:6.1f} s, "
+        f"range {rec['min_ms']:.0f}-{rec['max_ms']:.0f} ms)", flush=True)
   return rec
 
 
-def run_pair(student_name: str, teacher_name: str, settings: list[str], repeats: int) -> dict:
+def run_pair(student_name: str, teacher_name: str, timed: list[str], untimed: list[str],
+             repeats: int) -> dict:
+  """Measures ``timed`` settings and compiles ``untimed`` ones (FLOPs only) for one pair."""
   student = models.create(student_name, NUM_CLASSES)
   teacher = models.create(teacher_name, NUM_CLASSES)
   base = config_lib.base_config()
@@ -159,110 +184,143 @@ def run_pair(student_name: str, teacher_name: str, settings: list[str], repeats:
         f"({counts['teacher']:,} params), batch {BATCH}, val batch {VAL_BATCH}", flush=True)
   res: dict[str, dict] = {}
   args = (state, batch, val)
-  for name in settings:
+  for name in [n for n in ALL_SETTINGS if n in timed or n in untimed]:
+    reps = repeats if name in timed else None
     if name == "teacher_forward":
       x = prepare(None, batch["images"])
       fn = lambda tp, tms, x: teacher.apply(tp, tms, x, False)[0]
-      res[name] = measure(fn, (state.teacher.params, state.teacher.model_state, x), repeats, name)
+      res[name] = measure(fn, (state.teacher.params, state.teacher.model_state, x), reps, name)
       continue
-    if name == "plain":
-      cfg, refresh = make_cfg("none"), True
-    elif name == "online_stale":
-      cfg, refresh = make_cfg("online"), False
-    elif name == "online_identity":
-      cfg, refresh = make_cfg("online", solver="identity"), True
-    elif name.startswith("online_cg"):
-      cfg, refresh = make_cfg("online", cg_iters=int(name[len("online_cg"):])), True
-    else:
-      raise ValueError(f"unknown setting {name!r}")
+    cfg, refresh = setting_config(name)
     fn = step_lib.make_kd_step(student, teacher, tx, None, prepare, cfg, refresh=refresh,
                                axis_name=None)
-    res[name] = measure(fn, args, repeats, name)
+    res[name] = measure(fn, args, reps, name)
   return {"student": student_name, "teacher": teacher_name, "param_counts": counts,
           "steps": res}
 
 
+def setting_config(name: str):
+  """(config, refresh) of a step setting."""
+  if name == "plain":
+    return make_cfg("none"), True
+  if name == "online_stale":
+    return make_cfg("online"), False
+  if name == "online_identity":
+    return make_cfg("online", solver="identity"), True
+  if name.startswith("online_cg"):
+    return make_cfg("online", cg_iters=int(name[len("online_cg"):])), True
+  raise ValueError(f"unknown setting {name!r}; known: {', '.join(ALL_SETTINGS)}")
+
+
 def summarise(pair: dict) -> dict:
-  """Ratios to the plain step and the amortised cost of refresh intervals."""
+  """Ratios to the plain step (time and FLOPs) and the amortised cost of refresh intervals."""
   steps = pair["steps"]
-  plain = steps["plain"]["median_ms"]
-  ratios = {n: r["median_ms"] / plain for n, r in steps.items() if n != "plain"}
+  plain = steps["plain"]
+  ratios = {n: r["median_ms"] / plain["median_ms"] for n, r in steps.items()
+            if n != "plain" and r["timed"] and plain["timed"]}
+  flop_ratios = {n: r["flops"] / plain["flops"] for n, r in steps.items()
+                 if n != "plain" and r["flops"] and plain["flops"]}
   amortised = {}
-  if "online_cg5" in steps and "online_stale" in steps:
-    t_ref, t_stale = steps["online_cg5"]["median_ms"], steps["online_stale"]["median_ms"]
+  ref, stale = steps.get("online_cg5"), steps.get("online_stale")
+  if ref and stale and ref["timed"] and stale["timed"] and plain["timed"]:
     for r in REFRESH:
-      ms = (t_ref + (r - 1) * t_stale) / r
-      amortised[f"R{r}"] = {"ms": ms, "ratio": ms / plain}
+      ms = (ref["median_ms"] + (r - 1) * stale["median_ms"]) / r
+      amortised[f"R{r}"] = {"ms": ms, "ratio": ms / plain["median_ms"]}
   default = ratios.get("online_cg5")
   target = {"setting": "online, cg_iters 5, refresh_every 1", "max_ratio": TARGET_RATIO,
             "ratio": default, "met": None if default is None else bool(default <= TARGET_RATIO)}
-  return {"ratios_to_plain": ratios, "refresh_interval_amortised": amortised, "target": target}
+  return {"ratios_to_plain": ratios, "flop_ratios_to_plain": flop_ratios,
+          "refresh_interval_amortised": amortised, "target": target}
 
 
-def print_table(pair: dict, summ: dict) -> None:
+def print_table(pair: dict) -> None:
   steps = pair["steps"]
-  print(f"\n### {pair['student']} <- {pair['teacher']}"
-        + (f"  ({pair['note']})" if pair.get("note") else ""))
-  print("| step | median ms | x plain | compile s |")
-  print("|---|---:|---:|---:|")
+  pc = pair["param_counts"]
+  print(f"\n### {pair['student']} ({pc['student']:,} params) <- {pair['teacher']} "
+        f"({pc['teacher']:,} params)")
+  print("| step | median ms | x plain (time) | GFLOP | x plain (FLOPs) | compile s |")
+  print("|---|---:|---:|---:|---:|---:|")
   for name, r in steps.items():
-    ratio = 1.0 if name == "plain" else summ["ratios_to_plain"][name]
-    print(f"| {name} | {r['median_ms']:.1f} | {ratio:.2f} | {r['compile_s']:.1f} |")
-  for name, a in summ["refresh_interval_amortised"].items():
-    print(f"| online_cg5, refresh every {name[1:]} (amortised) | {a['ms']:.1f} | "
-          f"{a['ratio']:.2f} | - |")
-  t = summ["target"]
+    plain = name == "plain"
+    ms = f"{r['median_ms']:.0f}" if r["timed"] else "not timed"
+    ratio = "1.00" if plain else (f"{pair['ratios_to_plain'][name]:.2f}"
+                                  if name in pair["ratios_to_plain"] else "-")
+    gflop = f"{r['flops'] / 1e9:.3g}" if r["flops"] else "?"
+    fratio = "1.00" if plain else (f"{pair['flop_ratios_to_plain'][name]:.2f}"
+                                   if name in pair["flop_ratios_to_plain"] else "-")
+    print(f"| {name} | {ms} | {ratio} | {gflop} | {fratio} | {r['compile_s']:.1f} |")
+  for name, a in pair["refresh_interval_amortised"].items():
+    print(f"| online_cg5, refresh every {name[1:]} (amortised) | {a['ms']:.0f} | "
+          f"{a['ratio']:.2f} | - | - | - |")
+  t = pair["target"]
   if t["ratio"] is not None:
     print(f"target: {t['setting']} <= {t['max_ratio']:.1f}x plain KD: measured {t['ratio']:.2f}x"
           f" -> {'MET' if t['met'] else 'MISSED'}")
+  else:
+    print("target: not measured (online_cg5 or plain not timed)")
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true",
-                  help="one pair, settings plain/online_cg5/online_stale, 3 repeats")
+                  help="first pair, core settings (plain, online_stale, online_cg5), 3 repeats")
   ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 5; quick 3)")
   ap.add_argument("--pairs", nargs="+", default=None, metavar="STUDENT:TEACHER",
                   help=f"student:teacher pairs (default {' '.join(DEFAULT_PAIRS)})")
-  ap.add_argument("--cg-iters", type=int, nargs="+", default=None,
-                  help=f"CG iterations to time (default {' '.join(map(str, CG_ITERS))})")
+  ap.add_argument("--sweep-pairs", choices=("all", "first", "none"), default="all",
+                  help="pairs on which the sweep settings (" + ", ".join(SWEEP) + ") are timed; "
+                       "on the others they are compiled only (FLOPs, compile time)")
+  ap.add_argument("--untimed", nargs="*", default=[], metavar="SETTING",
+                  help="settings compiled only, on every pair (e.g. online_cg10)")
   ap.add_argument("--note", action="append", default=[],
-                  help="free-text note stored in the JSON (e.g. why a teacher was swapped)")
+                  help="free-text note stored in the JSON (e.g. why settings were reduced)")
   ap.add_argument("--out", default=str(_common.RESULTS_DIR / "step_cost.json"))
   args = ap.parse_args()
+  for name in args.untimed:
+    if name not in ALL_SETTINGS:
+      ap.error(f"--untimed {name}: unknown setting; known: {', '.join(ALL_SETTINGS)}")
+  if args.repeats is not None and args.repeats < 1:
+    ap.error("--repeats must be >= 1")
   repeats = args.repeats or (3 if args.quick else 5)
   pairs = args.pairs or (DEFAULT_PAIRS[:1] if args.quick else DEFAULT_PAIRS)
-  cg_iters = args.cg_iters or ((5,) if args.quick else CG_ITERS)
-  if 5 not in cg_iters:
-    cg_iters = (*cg_iters, 5)  # the default setting is always measured (the target)
-  settings = ["plain", "online_stale"]
-  if not args.quick:
-    settings += ["online_identity", "teacher_forward"]
-  settings += [f"online_cg{k}" for k in sorted(set(cg_iters))]
+  sweep_pairs = "none" if args.quick else args.sweep_pairs
+  plan = []
+  for i, spec in enumerate(pairs):
+    if spec.count(":") != 1:
+      ap.error(f"--pairs {spec}: expected STUDENT:TEACHER")
+    sweep = sweep_pairs == "all" or (sweep_pairs == "first" and i == 0)
+    timed = [n for n in CORE + (SWEEP if sweep else ()) if n not in args.untimed]
+    untimed = [n for n in ALL_SETTINGS if n not in timed and (not args.quick or
+                                                              n in args.untimed)]
+    plan.append((spec, timed, untimed))
 
   env = _common.environment()
   print(f"kdaif_jax step cost: jax {env['jax_version']}, {env['backend']} "
-        f"({env['device_kind']}), {env['cpu_count']} CPUs, batch {BATCH}, median of {repeats}",
-        flush=True)
+        f"({env['device_kind']}), {env['cpu_count']} CPUs, load average "
+        f"{env['load_average_1_5_15']}, batch {BATCH}, median of {repeats}", flush=True)
   t_start = time.perf_counter()
   results = []
-  for spec in pairs:
+  for spec, timed, untimed in plan:
     student_name, teacher_name = spec.split(":")
-    pair = run_pair(student_name, teacher_name, settings, repeats)
-    if teacher_name != dict(p.split(":") for p in DEFAULT_PAIRS).get(student_name, teacher_name):
-      pair["note"] = (f"teacher {teacher_name} replaces the default teacher of {student_name} "
-                      "(see notes)")
+    pair = run_pair(student_name, teacher_name, timed, untimed, repeats)
+    default_teacher = dict(p.split(":") for p in DEFAULT_PAIRS).get(student_name)
+    if default_teacher and teacher_name != default_teacher:
+      pair["teacher_note"] = f"teacher {teacher_name} replaces the default {default_teacher}"
     pair.update(summarise(pair))
     results.append(pair)
   total_s = time.perf_counter() - t_start
 
   for pair in results:
-    print_table(pair, pair)
+    print_table(pair)
+    if pair.get("teacher_note"):
+      print(f"note: {pair['teacher_note']}")
   for note in args.note:
     print(f"note: {note}")
   out = {
       "benchmark": "step_cost",
       **env,
+      "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+      "command": " ".join(sys.argv),
       "quick": bool(args.quick),
       "batch": BATCH,
       "val_batch": VAL_BATCH,
@@ -271,11 +329,13 @@ def main():
       "dtype": "float32",
       "repeats": repeats,
       "timing": "jit(...).lower().compile(), 1 untimed run, median of `repeats` timed runs "
-                "with block_until_ready; same inputs every call, nothing donated",
+                "with block_until_ready; same inputs every call, nothing donated. "
+                "flops: XLA cost_analysis of the compiled step (untimed settings: compiled only)",
       "kdaif": {k: v for k, v in config_lib.base_config().kdaif.to_dict().items()
                 if k in ("curvature", "solver", "damping", "cg_iters", "cg_tol", "warm_start",
                          "refresh_every", "unroll", "weights")},
-      "settings": settings,
+      "settings": {spec: {"timed": timed, "compiled_only": untimed}
+                   for spec, timed, untimed in plan},
       "refresh_intervals": list(REFRESH),
       "target": {"setting": "online, cg_iters 5, refresh_every 1", "max_ratio": TARGET_RATIO},
       "pairs": results,

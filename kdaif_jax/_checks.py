@@ -23,6 +23,10 @@ def check_tree_match(reference: Any, tree: Any, name: str, ref_name: str) -> Non
     if np.shape(ref) != np.shape(leaf):
       raise ValueError(f"{name}{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, "
                        f"but {ref_name}{jax.tree_util.keystr(path)} has shape {np.shape(ref)}")
+    ref_dtype, dtype = getattr(ref, "dtype", None), getattr(leaf, "dtype", None)
+    if ref_dtype is not None and dtype is not None and ref_dtype != dtype:
+      raise ValueError(f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}, "
+                       f"but {ref_name}{jax.tree_util.keystr(path)} has dtype {ref_dtype}")
 
 
 def check_scalar_fn(f: Any, name: str, *args, **kwargs) -> None:

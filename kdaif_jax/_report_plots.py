@@ -26,6 +26,13 @@ def _save(fig: Figure, path: str) -> str:
   return path
 
 
+def _num(v) -> float:
+  try:
+    return float(v)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
 def _empty(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
   ax.set_xticks([])
@@ -64,6 +71,41 @@ def training_curves(path: str, rows: dict[str, list[dict]]) -> str:
       else:
         _empty(ax, f"{net}: no {metric} logged")
   return _save(fig, path)
+
+
+def series(records: list[dict], kind: str, phase: str, net: str | None, split: str | None):
+  """(epochs, {metric: per-epoch mean}) of the matching metrics.jsonl records.
+
+  Eval records carry the number of epochs done; a train record carries the epoch it is
+  in, so it is placed at the end of that epoch (epoch + 1).
+  """
+  by: dict[int, dict[str, list]] = {}
+  for r in records:
+    if (r.get("kind"), r.get("phase"), r.get("net"), r.get("split")) != (kind, phase, net, split):
+      continue
+    e = int(_num(r.get("epoch", 0))) + (kind == "train")
+    for m in ("accuracy", "loss"):
+      by.setdefault(e, {}).setdefault(m, []).append(_num(r.get(m)))
+  xs = sorted(by)
+  return xs, {m: [float(np.mean(by[e].get(m, [np.nan]))) for e in xs] for m in ("accuracy", "loss")}
+
+
+def curve_lines(records: list[dict], phase: str, net: str, name: str, color: str, offset: int = 0,
+                splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+  """Lines for ``training_curves``: eval accuracy/loss of ``net`` in ``phase`` per split,
+  and (when ``net`` is the phase's own network) the epoch mean of the train objective."""
+  out = []
+  for split, ls, marker in zip(splits, ("-", "--"), ("o", "x"), strict=False):
+    x, ys = series(records, "eval", phase, net, split)
+    if x:
+      out.append({"label": f"{name} {split}", "x": [e + offset for e in x], **ys, "color": color,
+                  "ls": ls, "marker": marker})
+  if splits == ("val", "test"):
+    x, ys = series(records, "train", phase, None, None)
+    if x and net == phase:
+      out.append({"label": f"{name} train (objective)", "x": [e + offset for e in x],
+                  "loss": ys["loss"], "color": color, "ls": ":"})
+  return out
 
 
 def weights_and_detection(path: str, weight: np.ndarray, influence: np.ndarray | None,

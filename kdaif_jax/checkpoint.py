@@ -85,8 +85,8 @@ def check_experiment(workdir: str, fingerprint: dict) -> None:
       fingerprint differs; the message names the differing options.
   """
   path = os.path.join(workdir, EXPERIMENT_FILE)
-  has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-      os.scandir(os.path.join(workdir, "checkpoints")))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  has_ckpt = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
   if os.path.exists(path) and has_ckpt:
     with open(path) as f:
       old = _flatten(json.load(f))

@@ -17,6 +17,7 @@ loss (it helps); I_i > 0 means it hurts.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
@@ -310,8 +311,10 @@ def lissa(
     steps = list(matvec)
     first = steps[0]
   elif batches is not None:
-    it = iter(batches)
-    batch_list = [next(it) for _ in range(depth)]
+    batch_list = list(itertools.islice(iter(batches), depth))
+    if len(batch_list) < depth:
+      raise ValueError(f"lissa got {len(batch_list)} batches but depth={depth}; "
+                       "pass at least one batch per step")
     steps = [functools.partial(_call_with_batch, matvec, batch=bt) for bt in batch_list]
     first = steps[0]
   else:

@@ -11,6 +11,11 @@ import jax
 import jax.numpy as jnp
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  """bfloat16/float16 logits are promoted to float32; float64 stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """CE(y, softmax(logits)) per example.
 
@@ -21,7 +26,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   Returns:
     [B] losses (nats).
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(_at_least_f32(logits), axis=-1)
   if labels.ndim == logits.ndim:
     return -jnp.sum(labels * logp, axis=-1)
   return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
@@ -39,8 +44,8 @@ def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
   Returns:
     [B] non-negative divergences.
   """
-  log_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
-  log_s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_t = jax.nn.log_softmax(_at_least_f32(teacher_logits) / temperature, axis=-1)
+  log_s = jax.nn.log_softmax(_at_least_f32(student_logits) / temperature, axis=-1)
   return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
 
 

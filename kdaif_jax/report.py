@@ -257,6 +257,10 @@ def _f(v: float | None, fmt: str = ".3f") -> str:
   return "n/a" if v is None or not np.isfinite(v) else format(v, fmt)
 
 
+def _count(v: int | None) -> str:
+  return f"{int(v):,}" if v else "n/a"
+
+
 def _si(v: float | None) -> str:
   if v is None or not np.isfinite(v):
     return "unknown"
@@ -386,45 +390,17 @@ def _overview(c: _Ctx) -> None:
   rows = []
   for net in ("teacher", "student"):
     rows.append([net if net == "teacher" else f"student ({mech})", arch[net],
-                 f"{c.net(net, 'parameters') or 0:,}", _pct(c.net(net, "val_accuracy")),
+                 _count(c.net(net, "parameters")), _pct(c.net(net, "val_accuracy")),
                  _pct(c.net(net, "test_accuracy"))])
   b = (c.base_summary or {}).get("student") or {}
   if b:
     rows.append([f"baseline student ({c.base_summary.get('mechanism', '?')})",
-                 b.get("architecture", "?"), f"{b.get('parameters') or 0:,}",
+                 b.get("architecture", "?"), _count(b.get("parameters")),
                  _pct(b.get("val_accuracy")), _pct(b.get("test_accuracy"))])
     d = _num(c.net("student", "test_accuracy")) - _num(b.get("test_accuracy"))
     c.numbers["student_test_gain_vs_baseline"] = d
     rows.append(["difference (points)", "", "", "", _f(100 * d, "+.2f")])
   c.add("table", ["network", "architecture", "parameters", "val accuracy", "test accuracy"], rows)
-
-
-def _series(records: list[dict], kind: str, phase: str, net: str | None, split: str | None):
-  """{epoch: mean of each metric} of the matching lines (train lines: epoch + 1 = end)."""
-  by: dict[int, dict[str, list]] = {}
-  for r in records:
-    if (r.get("kind"), r.get("phase"), r.get("net"), r.get("split")) != (kind, phase, net, split):
-      continue
-    e = int(_num(r.get("epoch", 0))) + (kind == "train")
-    for m in ("accuracy", "loss"):
-      by.setdefault(e, {}).setdefault(m, []).append(_num(r.get(m)))
-  xs = sorted(by)
-  return xs, {m: [float(np.mean(by[e].get(m, [np.nan]))) for e in xs] for m in ("accuracy", "loss")}
-
-
-def _lines(records, phase, net, name, color, offset=0, splits=("val", "test")):
-  out = []
-  for split, ls, marker in zip(splits, ("-", "--"), ("o", "x"), strict=False):
-    x, ys = _series(records, "eval", phase, net, split)
-    if x:
-      out.append({"label": f"{name} {split}", "x": [e + offset for e in x], **ys, "color": color,
-                  "ls": ls, "marker": marker})
-  if splits == ("val", "test"):
-    x, ys = _series(records, "train", phase, None, None)
-    if x and net == phase:
-      out.append({"label": f"{name} train (objective)", "x": [e + offset for e in x],
-                  "loss": ys["loss"], "color": color, "ls": ":"})
-  return out
 
 
 def _accuracy(c: _Ctx) -> None:
@@ -433,17 +409,18 @@ def _accuracy(c: _Ctx) -> None:
     c.add("p", "No curves: metrics.jsonl is missing or empty (see Missing).")
     return
   mech = c.cfg("kdaif.mechanism") or (c.summary or {}).get("mechanism", "run")
-  t_epochs = max(_series(c.records, "eval", "teacher", "teacher", "val")[0] or [0])
-  rows = {"teacher": _lines(c.records, "teacher", "teacher", "teacher", "tab:blue")
-          + _lines(c.records, "student", "teacher", "teacher (joint updates)", "tab:purple",
-                   offset=t_epochs),
-          "student": _lines(c.records, "student", "student", f"student ({mech})", "tab:blue")
-          + _lines(c.records, "proxy", "student", "proxy (plain KD)", "tab:gray", splits=("val",))}
+  t_epochs = max(plots.series(c.records, "eval", "teacher", "teacher", "val")[0] or [0])
+  lines = plots.curve_lines
+  rows = {"teacher": lines(c.records, "teacher", "teacher", "teacher", "tab:blue")
+          + lines(c.records, "student", "teacher", "teacher (joint updates)", "tab:purple",
+                  offset=t_epochs),
+          "student": lines(c.records, "student", "student", f"student ({mech})", "tab:blue")
+          + lines(c.records, "proxy", "student", "proxy (plain KD)", "tab:gray", splits=("val",))}
   if c.base_records:
     bm = (c.base_summary or {}).get("mechanism") or (c.base_config or {}).get(
         "kdaif", {}).get("mechanism", "?")
-    rows["student"] += _lines(c.base_records, "student", "student", f"baseline ({bm})",
-                              "tab:orange")
+    rows["student"] += lines(c.base_records, "student", "student", f"baseline ({bm})",
+                             "tab:orange")
   c.figure("training_curves.png", plots.training_curves, rows, alt="training curves")
   c.add("p", "Eval lines: clean validation/test labels, after each epoch. Train lines: the "
         "epoch's mean of the logged step objective (weighted KD loss for the student, on the "
@@ -460,18 +437,20 @@ def _explainability(c: _Ctx) -> None:
   noisy, weight = w["noisy"], w["weight"]
   fi = w.get("final_influence")
   fi = fi if fi is not None and np.isfinite(fi).all() else None
-  mech = c.cfg("kdaif.mechanism") or (c.summary or {}).get("mechanism")
   k = int(noisy.sum())
-  det = {"low training weight (`weight`)": scoring.detection_metrics(weight, noisy)}
+  signals = {}
+  if np.ptp(weight) > 0:  # plain KD: every weight 1, nothing to rank
+    signals["low training weight (`weight`)"] = -weight
   if fi is not None:
-    det["high final influence (`final_influence`)"] = scoring.detection_metrics(-fi, noisy)
+    signals["high final influence (`final_influence`)"] = fi
+  det = {name: scoring.detection_metrics(-score, noisy) for name, score in signals.items()}
   roc = None
-  if 0 < k < len(noisy):
+  if 0 < k < len(noisy) and signals:
     from sklearn.metrics import roc_curve
     roc = {}
-    for (label, d), score in zip(det.items(), (-weight, fi), strict=False):
+    for name, score in signals.items():
       fpr, tpr, _ = roc_curve(noisy, score)
-      roc[label.split(" (")[0]] = (fpr, tpr, d["auroc"])
+      roc[name.split(" (")[0]] = (fpr, tpr, det[name]["auroc"])
   c.figure("weights.png", plots.weights_and_detection, weight, fi, noisy, roc,
            alt="weight distribution")
   c.numbers["detection"] = det
@@ -489,7 +468,8 @@ def _explainability(c: _Ctx) -> None:
     c.add("p", f"Mean weight: clean {_f(weight[~noisy].mean())}, flipped "
           f"{_f(weight[noisy].mean())}; weight < 0.5: {_pct((weight[~noisy] < 0.5).mean())} of "
           f"clean, {_pct((weight[noisy] < 0.5).mean())} of flipped."
-          + (" Plain KD (`none`): every weight is 1." if mech == "none" else ""))
+          + (" Every weight is equal (plain KD), so weights rank nothing." if np.ptp(weight) == 0
+             else ""))
   _grids(c, fi)
 
 
@@ -556,15 +536,17 @@ def _grids(c: _Ctx, fi) -> None:
   images = ds.train.images[[pos[int(w["id"][i])] for i in sel]]
   preds, source = _teacher_predictions(c, ds, images)
   names = [n[:9] for n in ds.class_names]
-  for g, (kind, idx) in enumerate(picks.items()):
+  start = 0
+  for kind, idx in picks.items():
     caps = []
-    for j, i in enumerate(idx):
+    for j, i in enumerate(idx, start):
       lab = names[int(w["label"][i])] + (f" (true {names[int(w['clean_label'][i])]})"
                                          if w["noisy"][i] else "")
-      t = "" if preds is None else f"T:{names[int(preds[g * _GRID + j])]} "
+      t = "" if preds is None else f"T:{names[int(preds[j])]} "
       caps.append(f"#{int(w['id'][i])} y:{lab}\n{t}w:{w['weight'][i]:.2f} I:{score[i]:+.2g}")
     c.figure(f"most_{kind}.png", plots.example_grid, f"most {kind} ({name}); red = flipped label",
-             images[g * _GRID:(g + 1) * _GRID], caps, w["noisy"][idx], alt=f"most {kind}")
+             images[start:start + len(idx)], caps, w["noisy"][idx], alt=f"most {kind}")
+    start += len(idx)
   c.add("p", "Captions: id, given label y (true label if flipped), T: teacher prediction, "
         "w: training weight, I: influence. "
         + (f"Teacher from {source}." if preds is not None
@@ -648,14 +630,16 @@ def _influence_share(c: _Ctx) -> str:
     secs = sum(_num(r.get("seconds")) for r in c.records if r.get("kind") == "scoring")
     if not secs or not wall:
       return "Share of time on influence: unknown (no scoring lines or no wall times)."
-    total = _num(wall.get("student")) + _num(wall.get("proxy", 0)) + (
-        secs if mech == "static" else 0.0)
+    proxy = _num(wall.get("proxy", 0)) if mech == "static" else 0.0
+    # static scores between the proxy and student phases; periodic inside the student phase.
+    total = _num(wall.get("student")) + proxy + (secs if mech == "static" else 0.0)
     c.numbers["influence_share"] = secs / total
-    return (f"Share of time on influence: {_pct(secs / total)}, measured: whole-set scoring "
-            f"took {secs:.1f} s (metrics.jsonl scoring lines) of {total:.1f} s student-side "
-            "time (proxy + scoring + student)."
-            + (f" The proxy student itself took {_num(wall.get('proxy')):.1f} s more."
-               if mech == "static" else ""))
+    return (f"Share of time on influence: {_pct(secs / total)}, measured: the whole-set "
+            f"scorings took {secs:.1f} s (metrics.jsonl scoring lines) of {total:.1f} s of "
+            "student-side training" + (" (proxy + scoring + student). With the proxy student "
+                                       f"it needs, `static` spends {_pct((secs + proxy) / total)}"
+                                       " of that time beyond training the final student."
+                                       if mech == "static" else " (scorings included)."))
   b = c.base_summary or {}
   rate, rate_plain = _num((s.get("steps_per_second") or {}).get("student")), _num(
       (b.get("steps_per_second") or {}).get("student"))
@@ -685,15 +669,17 @@ def _sustainability(c: _Ctx) -> None:
   c.numbers.update(compression_ratio=par["teacher"] / par["student"] if par["teacher"] and par[
       "student"] else None, flops=fl)
   c.add("table", ["", "teacher", "student", "compression (teacher / student)"],
-        [["parameters", f"{par['teacher'] or 0:,}", f"{par['student'] or 0:,}", ratio(par)],
+        [["parameters", _count(par["teacher"]), _count(par["student"]), ratio(par)],
          ["FLOPs per example (forward)", _si(fl["teacher"]), _si(fl["student"]), ratio(fl)]])
   c.add("p", "FLOPs: XLA's cost analysis of the compiled inference forward pass of one example "
         "(2 per multiply-add; elementwise ops 1 each).")
   s = c.summary or {}
   wall, rates = s.get("wall_time_s") or {}, s.get("steps_per_second") or {}
   if wall:
-    rows = [[k, _f(_num(v), ".1f"), _f(_num(rates.get(k)), ".2f") if k in rates else ""]
-            for k, v in wall.items()]
+    known = ("teacher", "proxy", "student", "final", "total_this_invocation")
+    phases = [k for k in known if k in wall] + [k for k in wall if k not in known]
+    rows = [[k, _f(_num(wall[k]), ".1f"), _f(_num(rates.get(k)), ".2f") if k in rates else ""]
+            for k in phases]
     c.add("table", ["phase", "wall time (s)", "steps/s"], rows)
     c.add("p", "Wall time of the last invocation for `total_this_invocation`; phases resumed "
           "from a checkpoint include the time before the restart. `final`: evaluation plus the "
@@ -734,7 +720,13 @@ def write_report(workdir: str, baseline: str | None = None, out_dir: str | None 
     dict: ``report_md``, ``report_html`` (paths), ``figures`` ({file name: path}),
     ``missing`` (list of {file, problem, disabled}), ``numbers`` (headline values:
     ECEs, detection metrics, compression ratio, FLOPs, influence share, ...).
+
+  Raises:
+    FileNotFoundError: ``workdir`` is not a folder (anything missing inside it is
+      reported, not raised).
   """
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir {workdir!r} is not a folder")
   out_dir = out_dir or os.path.join(workdir, "report")
   os.makedirs(out_dir, exist_ok=True)
   c = _Ctx(workdir, baseline, out_dir)

@@ -17,7 +17,7 @@ import numpy as np
 
 from kdaif_jax import config as config_lib, influence, losses, parallel
 from kdaif_jax.parallel import BATCH, REPLICATED
-from kdaif_jax.step import TrainState
+from kdaif_jax.step import TrainState, device_local
 
 
 def _per_example(student, stu, teacher, tea, prepare, kd, images, labels):
@@ -60,11 +60,13 @@ def make_whole_set_scorer(student, teacher, prepare: Callable, cfg, mesh) -> Cal
       logits = student.apply(p, stu.model_state, xv, False)[0]
       return jnp.mean(losses.cross_entropy(logits, val["labels"]))
 
-    g_v = jax.lax.pmean(jax.grad(val_loss)(stu.params), axis)
+    params = device_local(stu.params, axis)
+    g_v = jax.lax.pmean(jax.grad(val_loss)(params), axis)
     if k.solver == "identity":
       return influence.inverse_hvp(lambda v: v, g_v, solver="identity")
-    local = influence.curvature_matvec(train_loss, stu.params, k.curvature)
-    return influence.inverse_hvp(lambda v: jax.lax.pmean(local(v), axis), g_v, solver=k.solver,
+    local = influence.curvature_matvec(train_loss, params, k.curvature)
+    return influence.inverse_hvp(lambda v: jax.lax.pmean(local(device_local(v, axis)), axis),
+                                 g_v, solver=k.solver,
                                  damping=k.damping, maxiter=chunk_iters, tol=k.cg_tol, x0=x0,
                                  lissa_scale=k.lissa_scale, unroll=config_lib.unroll_option(k.unroll))
 

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from kdaif_jax import config as config_lib, influence, losses, weights as weights_lib
-from kdaif_jax.step import (NetState, TrainState, apply_update, pmean, weight_metrics,
-                            feedback_weights, step_key, teacher_feedback_loss)
+from kdaif_jax.step import (NetState, TrainState, apply_update, device_local, feedback_weights,
+                            pmean, step_key, teacher_feedback_loss, weight_metrics)
 
 
 def unlabelled_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, targets: str,
@@ -101,6 +101,7 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
     stu, tea = state.student, state.teacher
     t_weak = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, xw, False)[0])
     metrics, s = {}, state.s
+    params = device_local(stu.params, axis_name)
     if online:
       train_loss = influence.PerExampleLoss(
           outputs_fn=lambda p: student.apply(p, stu.model_state, xs, False)[0],
@@ -109,10 +110,10 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
         xv = prepare_weak(None, val["images"])
         val_loss = lambda p: jnp.mean(losses.cross_entropy(
             student.apply(p, stu.model_state, xv, False)[0], val["labels"]))
-        g_v = pmean(jax.grad(val_loss)(stu.params), axis_name)
+        g_v = pmean(jax.grad(val_loss)(params), axis_name)
         matvec = (lambda v: v) if k.solver == "identity" else (
-            lambda v, mv=influence.curvature_matvec(train_loss, stu.params, k.curvature):
-            pmean(mv(v), axis_name))
+            lambda v, mv=influence.curvature_matvec(train_loss, params, k.curvature):
+            pmean(mv(device_local(v, axis_name)), axis_name))
         s, info = influence.inverse_hvp(
             matvec, g_v, solver=k.solver, damping=k.damping, maxiter=k.cg_iters, tol=k.cg_tol,
             x0=state.s if k.warm_start else None, lissa_scale=k.lissa_scale,
@@ -123,7 +124,7 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
         stats = state.solve_stats
       metrics.update(cg_iterations=stats[0], cg_residual=stats[1], cg_negative_curvature=stats[2])
       state = state.replace(solve_stats=stats)
-      scores = influence.scores(train_loss, stu.params, s)
+      scores = influence.scores(train_loss, params, device_local(s, axis_name))
       w = jax.lax.stop_gradient(wmap(scores, axis_name=axis_name, **wkw))
     else:
       scores = jnp.zeros((xs.shape[0],), jnp.float32)
@@ -140,7 +141,7 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
       return lab + ssl.unlabelled_weight * unl, (ms, lab, unl_per, logits[:nl])
 
     (loss, (ms, lab, unl_per, lab_logits)), grads = jax.value_and_grad(
-        student_loss, has_aux=True)(stu.params)
+        student_loss, has_aux=True)(params)
     grads, ms, loss, lab = pmean((grads, ms, loss, lab), axis_name)
     new_student = apply_update(stu, tx_student, grads, ms)
     ema = state.ema
@@ -183,7 +184,8 @@ def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, 
       total = total + ssl.uda_weight * uda
     return total, (ms, sup, fb, uda)
 
-  (loss, (ms, sup, fb, uda)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tea.params)
+  (loss, (ms, sup, fb, uda)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      device_local(tea.params, axis_name))
   grads, ms, loss, sup, fb, uda = pmean((grads, ms, loss, sup, fb, uda), axis_name)
   return apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
                                               "teacher_feedback": fb, "teacher_uda": uda}

@@ -69,6 +69,17 @@ def pmean(tree, axis_name: str | None):
   return jax.lax.pmean(tree, axis_name) if axis_name else tree
 
 
+def device_local(tree, axis_name: str | None):
+  """Marks replicated params as per-device values before differentiating.
+
+  Inside ``shard_map``, the gradient with respect to a replicated (device-
+  invariant) input is summed over devices by the transpose rule. Casting the
+  params to 'varying' first keeps each device's gradient local, so that the
+  explicit ``pmean`` that follows gives the global-batch mean, as in pmap.
+  """
+  return jax.lax.pcast(tree, axis_name, to="varying") if axis_name else tree
+
+
 def _global_stats(x: jax.Array, mask: jax.Array, axis_name) -> dict[str, jax.Array]:
   """Masked mean/std/min/max over the global batch."""
   m = mask.astype(jnp.float32)
@@ -136,7 +147,8 @@ def make_supervised_step(model, tx: optax.GradientTransformation, prepare: Calla
       ce = losses.cross_entropy(logits, y)
       return jnp.mean(ce), (logits, ms)
 
-    (loss, (logits, ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(cur.params)
+    (loss, (logits, ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        device_local(cur.params, axis_name))
     grads, ms, loss = pmean((grads, ms, loss), axis_name)
     new = apply_update(cur, tx, grads, ms)
     acc = pmean(jnp.mean(losses.accuracy(logits, y)), axis_name)
@@ -188,6 +200,7 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
     t_logits = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, x, False)[0])
     metrics = {}
     s = state.s
+    params = device_local(stu.params, axis_name)
     if online:
       train_loss = influence.PerExampleLoss(
           outputs_fn=lambda p: student.apply(p, stu.model_state, x, False)[0],
@@ -199,13 +212,13 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
           return jnp.mean(losses.cross_entropy(student.apply(p, stu.model_state, xv, False)[0],
                                                val["labels"]))
 
-        g_v = pmean(jax.grad(val_loss)(stu.params), axis_name)
+        g_v = pmean(jax.grad(val_loss)(params), axis_name)
         if k.solver == "identity":
           s, info = influence.inverse_hvp(lambda v: v, g_v, solver="identity")
         else:
-          local_mv = influence.curvature_matvec(train_loss, stu.params, k.curvature)
+          local_mv = influence.curvature_matvec(train_loss, params, k.curvature)
           s, info = influence.inverse_hvp(
-              lambda v: pmean(local_mv(v), axis_name), g_v, solver=k.solver, damping=k.damping,
+              lambda v: pmean(local_mv(device_local(v, axis_name)), axis_name), g_v, solver=k.solver, damping=k.damping,
               maxiter=k.cg_iters, tol=k.cg_tol, x0=state.s if k.warm_start else None,
               lissa_scale=k.lissa_scale, unroll=config_lib.unroll_option(k.unroll))
         solve_stats = jnp.stack([info.iterations.astype(jnp.float32), info.residual,
@@ -215,7 +228,7 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
       metrics.update(cg_iterations=solve_stats[0], cg_residual=solve_stats[1],
                      cg_negative_curvature=solve_stats[2])
       state = state.replace(solve_stats=solve_stats)
-      scores = influence.scores(train_loss, stu.params, s)
+      scores = influence.scores(train_loss, params, device_local(s, axis_name))
       w = wmap(scores, axis_name=axis_name, **wkw)
     elif mechanism == "none":
       scores = jnp.zeros_like(y, jnp.float32)
@@ -232,7 +245,7 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
       per_ex = kd_per_example(logits, t_logits, y)
       return jnp.mean(w * per_ex) / denom, (logits, ms, per_ex)
 
-    (loss, (logits, ms, per_ex)), grads = jax.value_and_grad(student_loss, has_aux=True)(stu.params)
+    (loss, (logits, ms, per_ex)), grads = jax.value_and_grad(student_loss, has_aux=True)(params)
     grads, ms, loss = pmean((grads, ms, loss), axis_name)
     new_student = apply_update(stu, tx_student, grads, ms)
     metrics.update(loss=loss, kd_loss=pmean(jnp.mean(per_ex), axis_name),
@@ -294,7 +307,8 @@ def _joint_teacher_update(teacher, tea: NetState, tx, x, y, t_logits_eval, score
     fb = teacher_feedback_loss(logits, pseudo, h)
     return sup + mu * fb, (ms, sup, fb)
 
-  (loss, (ms, sup, fb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tea.params)
+  (loss, (ms, sup, fb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      device_local(tea.params, axis_name))
   grads, ms, loss, sup, fb = pmean((grads, ms, loss, sup, fb), axis_name)
   return apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
                                               "teacher_feedback": fb}

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -304,7 +305,9 @@ def _run_phase(run: _Run, phase: str, state: step_lib.TrainState, epochs: int,
   state = parallel.replicate(state, run.mesh)
   total = epochs * spe
   start = int(state.step)
-  perm_key = jax.random.fold_in(jax.random.key(cfg.seed), hash(phase) % (2 ** 31))
+  # crc32, not hash(): str hashes change between processes, and a resumed run must
+  # see the same epoch order.
+  perm_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(phase.encode()) % (2 ** 31))
   progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
   t0 = time.time()
   refresh_every = cfg.kdaif.refresh_every
@@ -402,10 +405,10 @@ def _score_into(run: _Run, scorer, state: step_lib.TrainState, epoch: int, label
   log.info("%s: scored %d training examples (CG %d it, residual %.2e)%s", label, len(scores),
            int(info.iterations), float(info.residual),
            f", AUROC(flipped) {det['auroc']:.3f}" if det["auroc"] is not None else "")
-  w = jnp.asarray(w, jnp.float32)
-  s = jnp.asarray(scores, jnp.float32)
-  return parallel.replicate(state.replace(example_weights=w, last_scores=s, last_weights=w),
-                            run.mesh)
+  # Separate buffers for each field: the step donates its whole input state.
+  return parallel.replicate(state.replace(example_weights=jnp.asarray(w, jnp.float32),
+                                          last_scores=jnp.asarray(scores, jnp.float32),
+                                          last_weights=jnp.asarray(w, jnp.float32)), run.mesh)
 
 
 def _wkw(cfg) -> dict:
@@ -417,16 +420,13 @@ def _student_phase(run: _Run, state: step_lib.TrainState, fresh_student) -> step
   mech = cfg.kdaif.mechanism
   scorer = scoring.make_whole_set_scorer(run.student, run.teacher, run.prepare, cfg, run.mesh)
   if mech == "static":
-    proxy_done = state
     proxy, pckpt = _restore_or(run, "proxy", state)
     proxy = _run_phase(run, "proxy", proxy, _proxy_epochs(cfg), _kd_fns(run, "none"), pckpt,
                        ("student",), student_data=True)
     pckpt.close()
-    scored = _score_into(run, scorer, proxy, 0, "static")
-    state = proxy_done.replace(student=fresh_student, step=jnp.zeros((), jnp.int32),
-                               example_weights=scored.example_weights,
-                               last_scores=scored.last_scores, last_weights=scored.last_weights)
-    state = parallel.replicate(state, run.mesh)
+    # The proxy's buffers were donated step by step; continue from its output.
+    state = _score_into(run, scorer, proxy, 0, "static")
+    state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
   state, ckpt = _restore_or(run, "student", state)
   on_epoch = None
   if mech == "periodic":
@@ -542,7 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      "allowed: a product <= the unlabelled-set size")
   try:
     state = parallel.replicate(_init_state(run, jax.random.key(cfg.seed)), mesh)
-    fresh_student = state.student
+    fresh_student = jax.tree.map(jnp.copy, state.student)  # survives the donated steps
     state = _teacher_phase(run, state)
     state = state.replace(step=jnp.zeros((), jnp.int32))
     state, scorer = _student_phase(run, state, fresh_student)

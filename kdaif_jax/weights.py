@@ -18,12 +18,23 @@ MAPS = ("sigmoid", "exp_minmax", "none")
 
 
 def _moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-  """Mean and std over the batch (and over devices when ``axis_name`` is set)."""
-  mean = jnp.mean(x)
-  sq = jnp.mean(jnp.square(x))
+  """Mean and std over the batch (and over devices when ``axis_name`` is set).
+
+  Scaled by max|x| and computed in two passes, so neither 1e30-sized scores
+  (overflow) nor a large common offset (cancellation in E[x²] − E[x]²) break it.
+  """
+  peak = jnp.max(jnp.abs(x))
   if axis_name is not None:
-    mean, sq = jax.lax.pmean((mean, sq), axis_name)
-  return mean, jnp.sqrt(jnp.maximum(sq - jnp.square(mean), 0.0))
+    peak = jax.lax.pmax(peak, axis_name)
+  peak = jnp.where(peak > 0, peak, 1.0)
+  xs = x / peak
+  mean = jnp.mean(xs)
+  if axis_name is not None:
+    mean = jax.lax.pmean(mean, axis_name)
+  var = jnp.mean(jnp.square(xs - mean))
+  if axis_name is not None:
+    var = jax.lax.pmean(var, axis_name)
+  return mean * peak, jnp.sqrt(var) * peak
 
 
 def _normalise_log(log_w: jax.Array, axis_name: str | None) -> jax.Array:

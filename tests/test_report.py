@@ -125,6 +125,20 @@ def test_empty_folder_gives_a_report_of_missing_files(tmp_path):
   assert os.path.exists(out["report_md"]) and os.path.exists(out["report_html"])
 
 
+def test_static_influence_share_is_measured_from_scoring_lines(tmp_path):
+  # A hand-made partial workdir: static scored once for 5 s; proxy 10 s, student 35 s.
+  (tmp_path / "config.json").write_text(json.dumps({"kdaif": {"mechanism": "static"}}))
+  (tmp_path / "summary.json").write_text(json.dumps(
+      {"mechanism": "static", "wall_time_s": {"teacher": 3.0, "proxy": 10.0, "student": 35.0}}))
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(
+      {"kind": "scoring", "phase": "static", "step": 8, "epoch": 0, "seconds": 5.0}) + "\n")
+  out = report.write_report(str(tmp_path))
+  assert out["numbers"]["influence_share"] == pytest.approx(5 / 50)
+  md = _read(out["report_md"])
+  assert "30.00% of that time beyond training the final student" in md
+  assert "workdir/weights.csv" in {m["file"] for m in out["missing"]}
+
+
 def test_cli_writes_the_report(run_dir, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "kdaif_jax.report", run_dir, "--out",
                          str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)

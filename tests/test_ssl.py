@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+
 from kdaif_jax import config as config_lib, influence, losses, models, ssl, step as step_lib
 
 
@@ -32,45 +33,33 @@ def test_uda_consistency_masks_unconfident_and_is_kl():
 
 
 def test_joint_feedback_sign_with_real_influence():
-  # Student: logistic regression on two well-separated Gaussian classes, trained on
-  # clean data. Teacher: one free logit vector per unlabelled example, so one update
-  # moves each example's pseudo-label probability by its own feedback term only.
-  # Pseudo-label of example 0 is wrong, of example 1 right.
-  jax.config.update("jax_enable_x64", True)
-  try:
+  # Student: logistic regression early in training (zero weights), validation data
+  # from two well-separated Gaussian classes. Teacher: one free logit vector per
+  # unlabelled example, so one update moves each example's pseudo-label probability
+  # by its own feedback term only. Pseudo-label of example 0 is wrong, of 1 right.
+  with jax.enable_x64(True):
     rng = np.random.default_rng(0)
     mu = np.array([[-2.0, 0.0], [2.0, 0.0]])
-    def sample(n):
-      y = rng.integers(0, 2, n)
-      return jnp.asarray(mu[y] + rng.normal(size=(n, 2))), jnp.asarray(y)
-    xtr, ytr = sample(200)
-    xv, yv = sample(200)
+    yv = rng.integers(0, 2, 200)
+    xv = jnp.asarray(mu[yv] + rng.normal(size=(200, 2)))
     out = lambda p, x: x @ p["w"] + p["b"]
     params = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
-    loss = lambda p: jnp.mean(losses.cross_entropy(out(p, xtr), ytr)) + 1e-3 * jnp.sum(p["w"] ** 2)
-    opt = optax.lbfgs()
-    state = opt.init(params)
-    for _ in range(50):
-      value, grad = optax.value_and_grad_from_state(loss)(params, state=state)
-      upd, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=loss)
-      params = optax.apply_updates(params, upd)
     xu = jnp.array([[2.5, 0.3], [-2.5, -0.2]])  # true classes 1 and 0
     t_logits = jnp.array([[2.0, 0.0], [2.0, 0.0]])  # both pseudo-labels: class 0
     pseudo = jnp.argmax(t_logits, -1)
     train_loss = influence.PerExampleLoss(lambda p: out(p, xu),
                                           lambda o: losses.cross_entropy(o, pseudo))
-    val_loss = lambda p: jnp.mean(losses.cross_entropy(out(p, xv), yv))
-    res = influence.batch_influence(params, train_loss, val_loss, curvature="hessian",
-                                    damping=0.01, maxiter=20)
-    assert res.scores[0] > 0 > res.scores[1]  # wrong label harmful, right one helpful
-    h = step_lib.feedback_weights(res.scores)
-    grad = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(t_logits)
-    new = t_logits - 0.5 * grad
-    p_old, p_new = jax.nn.softmax(t_logits), jax.nn.softmax(new)
-    assert p_new[0, 0] < p_old[0, 0]  # wrong pseudo-label became less likely
-    assert p_new[1, 0] > p_old[1, 0]  # helpful pseudo-label became more likely
-  finally:
-    jax.config.update("jax_enable_x64", False)
+    val_loss = lambda p: jnp.mean(losses.cross_entropy(out(p, xv), jnp.asarray(yv)))
+    for curvature in ("ggn", "hessian"):
+      res = influence.batch_influence(params, train_loss, val_loss, curvature=curvature,
+                                      damping=0.1, maxiter=20)
+      assert res.scores[0] > 0 > res.scores[1]  # wrong label harmful, right one helpful
+      h = step_lib.feedback_weights(res.scores)
+      grad = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(t_logits)
+      new = t_logits - 0.5 * grad
+      p_old, p_new = jax.nn.softmax(t_logits), jax.nn.softmax(new)
+      assert p_new[0, 0] < p_old[0, 0]  # wrong pseudo-label became less likely
+      assert p_new[1, 0] > p_old[1, 0]  # helpful pseudo-label became more likely
 
 
 def _ssl_setup(mechanism, **ssl_overrides):

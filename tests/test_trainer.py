@@ -174,7 +174,7 @@ def test_resume_after_sigkill(tmp_path):
       p.send_signal(signal.SIGKILL)
       break
     time.sleep(0.05)
-  p.wait(timeout=60)
+  p.communicate(timeout=60)
   assert killed_after is not None, "no checkpoint appeared before the run ended"
   assert not (tmp_path / "summary.json").exists()
   p = _run_main(args, tmp_path)

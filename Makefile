@@ -5,12 +5,11 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/default
 CONFIG ?= configs/default.py
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench bench-quick lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -22,8 +21,17 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# Full benchmarks (the accuracy sweeps take about an hour on 2 CPU cores; they
+# resume where they stopped). Results: bench/results/*.json, summarised in BENCHMARKS.md.
 bench: $(STAMP)
 	$(BIN)/python bench/influence_cost.py
+	$(BIN)/python bench/step_cost.py
+	$(BIN)/python bench/accuracy_digits.py
+	$(BIN)/python bench/accuracy_ssl.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/influence_cost.py --quick
+	$(BIN)/python bench/step_cost.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check kdaif_jax tests bench configs main.py

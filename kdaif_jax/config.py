@@ -15,7 +15,7 @@ import ml_collections
 
 from kdaif_jax import data, influence, models, optim, weights
 
-MECHANISMS = ("none", "static", "periodic", "online", "joint")
+MECHANISMS = ("none", "static", "periodic", "online", "joint", "small_loss")
 UNROLL = ("auto", "unroll", "loop")
 PROGRESS = ("auto", "bar", "log", "none")
 SSL_MECHANISMS = ("none", "online", "joint")
@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 200
   c.progress = "auto"
+  c.report = True  # write WORKDIR/report/ (the SAFE report) at the end of the run
   return c
 
 
@@ -216,6 +217,7 @@ def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cfg.log_every_steps = 2
   cfg.checkpoint_every_steps = 4
   cfg.progress = "log"
+  cfg.report = False
   for net in ("teacher", "student"):
     cfg[net].optimizer.decay_epochs = ()
     cfg[net].optimizer.warmup_epochs = 0.0

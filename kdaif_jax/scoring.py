@@ -122,13 +122,15 @@ def detection_metrics(weights: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
   Returns:
     dict with ``auroc`` (probability a flipped example has a lower weight than a
     clean one; ties count half) and ``precision_at_k`` (share of flipped among
-    the k lowest weights, k = number flipped); None when there is no noise.
+    the k lowest weights, k = number flipped); None when there is no noise
+    (precision also None when all weights are equal).
   """
   noisy = np.asarray(noisy, bool)
+  weights = np.asarray(weights, np.float64)
   k = int(noisy.sum())
   if k == 0 or k == noisy.size:
     return {"auroc": None, "precision_at_k": None, "num_noisy": k}
-  score = -np.asarray(weights, np.float64)  # higher = more suspicious
+  score = -weights  # higher = more suspicious
   order = np.argsort(score, kind="mergesort")
   ranks = np.empty(score.size, np.float64)
   sorted_scores = score[order]
@@ -138,5 +140,8 @@ def detection_metrics(weights: np.ndarray, noisy: np.ndarray) -> dict[str, Any]:
   ranks[order] = np.repeat(avg, counts)
   u = ranks[noisy].sum() - k * (k + 1) / 2.0
   auroc = u / (k * (noisy.size - k))
-  lowest = np.argsort(np.asarray(weights, np.float64), kind="mergesort")[:k]
+  if np.all(weights == weights.flat[0]):
+    # Constant weights (plain KD): AUROC is 0.5, but "the k lowest" would be arbitrary.
+    return {"auroc": float(auroc), "precision_at_k": None, "num_noisy": k}
+  lowest = np.argsort(weights, kind="mergesort")[:k]
   return {"auroc": float(auroc), "precision_at_k": float(noisy[lowest].mean()), "num_noisy": k}

@@ -68,22 +68,25 @@ def uda_consistency(t_weak: jax.Array, t_strong: jax.Array, *, threshold: float,
 
 
 def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
-                  tx_teacher: optax.GradientTransformation | None, prepare_weak: Callable,
-                  prepare_strong: Callable, cfg, *, refresh: bool = True,
+                  tx_teacher: optax.GradientTransformation | None, prepare: Callable,
+                  cfg, *, refresh: bool = True,
                   axis_name: str | None = "data") -> Callable:
   """One semi-supervised step (student; teacher too for ``joint``).
 
   Args:
     student, teacher: ``models.Model``s.
     tx_student, tx_teacher: optax transformations (teacher: ``joint`` only).
-    prepare_weak, prepare_strong: ``(key, uint8 images) -> normalised inputs``.
+    prepare: ``(key, uint8 images) -> normalised inputs``; the views arrive
+      already augmented (the trainer augments the global batch outside
+      ``shard_map``, so 1 and N devices see the same views).
     cfg: run config (reads kd, kdaif, ssl).
     refresh: recompute g_V and s this step; otherwise reuse ``state.s``.
     axis_name: mesh axis.
 
   Returns:
     ``step(state, batch, val) -> (state, metrics, (scores [bu], weights [bu]))``;
-    batch: lab_images [bl], lab_labels [bl], unl_images [bu]; val: images, labels.
+    batch: lab_images [bl] (weak view), lab_labels [bl], unl_weak [bu] and
+    unl_strong [bu] (two views of the same unlabelled images); val: images, labels.
   """
   k, ssl = cfg.kdaif, cfg.ssl
   mech = k.mechanism
@@ -94,10 +97,9 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
                                           temperature=cfg.kd.temperature)
 
   def step(state: TrainState, batch: dict, val: dict):
-    k_l, k_w, k_s = jax.random.split(step_key(state, axis_name), 3)
-    xl, yl = prepare_weak(k_l, batch["lab_images"]), batch["lab_labels"]
-    xw = prepare_weak(k_w, batch["unl_images"])
-    xs = prepare_strong(k_s, batch["unl_images"])
+    key = step_key(state, axis_name)
+    xl, yl = prepare(key, batch["lab_images"]), batch["lab_labels"]
+    xw, xs = prepare(key, batch["unl_weak"]), prepare(key, batch["unl_strong"])
     stu, tea = state.student, state.teacher
     t_weak = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, xw, False)[0])
     metrics, s = {}, state.s
@@ -107,7 +109,7 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
           outputs_fn=lambda p: student.apply(p, stu.model_state, xs, False)[0],
           loss_fn=lambda out: per_ex(out, t_weak))
       if refresh:
-        xv = prepare_weak(None, val["images"])
+        xv = prepare(None, val["images"])
         val_loss = lambda p: jnp.mean(losses.cross_entropy(
             student.apply(p, stu.model_state, xv, False)[0], val["labels"]))
         g_v = pmean(jax.grad(val_loss)(params), axis_name)

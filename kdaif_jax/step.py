@@ -233,6 +233,10 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
     elif mechanism == "none":
       scores = jnp.zeros_like(y, jnp.float32)
       w = jnp.ones_like(scores)
+    elif mechanism == "small_loss":
+      # METHOD.md section 7 baseline: down-weight the largest training losses.
+      scores = kd_per_example(student.apply(stu.params, stu.model_state, x, False)[0], t_logits, y)
+      w = weights_lib.small_loss(scores, temperature=k.weight_temperature, axis_name=axis_name)
     else:  # static / periodic: frozen weights gathered per example
       scores = jnp.zeros_like(y, jnp.float32)
       w = batch["weights"]

@@ -45,7 +45,8 @@ class _Run:
   teacher: models.Model
   student: models.Model
   prepare: Any
-  prepare_strong: Any
+  weak: Any
+  strong: Any
   writer: MetricsWriter
   steps_per_epoch: int
   times: dict
@@ -77,27 +78,33 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
   return json.loads(json.dumps(d, default=str))
 
 
-def _make_prepare(ds: data.Dataset, cfg):
+def _make_prepare(ds: data.Dataset):
+  """Normalisation, applied per device inside the steps (the key is unused)."""
   mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-
-  def prepare(key, images):
-    if key is not None and (cfg.augment.pad or cfg.augment.flip):
-      images = augment.weak(key, images, pad=cfg.augment.pad, flip=cfg.augment.flip)
-    return data.normalize(images, mean, std)
-
-  return prepare
+  return lambda key, images: data.normalize(images, mean, std)
 
 
-def _make_prepare_strong(ds: data.Dataset, cfg):
-  mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
+def _make_augment(cfg):
+  """Weak and strong views of uint8 batches, applied to the GLOBAL batch inside
+  the jitted outer step (before ``shard_map``): the views then do not depend on
+  the device count, and the RandAugment switch stays out of the per-device code."""
   st = cfg.ssl.strong
 
-  def prepare(key, images):
-    images = augment.strong(key, images, num_ops=st.num_ops, magnitude=st.magnitude,
-                            cutout_size=st.cutout, pad=cfg.augment.pad, flip=cfg.augment.flip)
-    return data.normalize(images, mean, std)
+  def weak(key, images):
+    if not (cfg.augment.pad or cfg.augment.flip):
+      return images
+    return augment.weak(key, images, pad=cfg.augment.pad, flip=cfg.augment.flip)
 
-  return prepare
+  def strong(key, images):
+    return augment.strong(key, images, num_ops=st.num_ops, magnitude=st.magnitude,
+                          cutout_size=st.cutout, pad=cfg.augment.pad, flip=cfg.augment.flip)
+
+  return weak, strong
+
+
+def _batch_key(state, salt: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), salt),
+                            state.step)
 
 
 def _device_arrays(ds: data.Dataset, mesh) -> dict:
@@ -211,15 +218,14 @@ def _val_sampler(run: _Run):
     if vb == n_val:
       vidx = jnp.arange(vb)
     else:
-      vkey = jax.random.fold_in(jax.random.wrap_key_data(state.key), -1 - state.step)
-      vidx = jax.random.choice(vkey, n_val, (vb,), replace=False)
+      vidx = jax.random.choice(_batch_key(state, 6), n_val, (vb,), replace=False)
     return {"images": arrays["val_images"][vidx], "labels": arrays["val_labels"][vidx]}
 
   return sample
 
 
 def _record(cfg, state, idx, scores, w):
-  if cfg.kdaif.mechanism in ("online", "joint"):
+  if cfg.kdaif.mechanism in ("online", "joint", "small_loss"):
     state = state.replace(last_scores=state.last_scores.at[idx].set(scores),
                           last_weights=state.last_weights.at[idx].set(w))
   return state
@@ -237,7 +243,8 @@ def _sharded_train_fn(run: _Run, per_device, with_val: bool):
 
   def outer(state, arrays, perm, i):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * bsz, bsz)
-    batch = {"images": arrays["train_images"][idx], "labels": arrays["train_labels"][idx],
+    images = run.weak(_batch_key(state, 1), arrays["train_images"][idx])
+    batch = {"images": images, "labels": arrays["train_labels"][idx],
              "noisy": arrays["train_noisy"][idx], "weights": state.example_weights[idx]}
     if not with_val:
       return sm(state, {"images": batch["images"], "labels": batch["labels"]})
@@ -260,10 +267,12 @@ def _sharded_ssl_fn(run: _Run, per_device):
 
   def outer(state, arrays, perm, i):
     uidx = jax.lax.dynamic_slice_in_dim(perm, i * bu, bu)
-    lkey = jax.random.fold_in(jax.random.wrap_key_data(state.key), 2 ** 30 + state.step)
-    lidx = jax.random.choice(lkey, n_lab, (bl,), replace=bl > n_lab)
-    batch = {"lab_images": arrays["train_images"][lidx],
-             "lab_labels": arrays["train_labels"][lidx], "unl_images": arrays["unl_images"][uidx]}
+    lidx = jax.random.choice(_batch_key(state, 2), n_lab, (bl,), replace=bl > n_lab)
+    unl = arrays["unl_images"][uidx]
+    batch = {"lab_images": run.weak(_batch_key(state, 3), arrays["train_images"][lidx]),
+             "lab_labels": arrays["train_labels"][lidx],
+             "unl_weak": run.weak(_batch_key(state, 4), unl),
+             "unl_strong": run.strong(_batch_key(state, 5), unl)}
     state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
     return _record(cfg, state, uidx, scores, w), metrics
 
@@ -374,7 +383,7 @@ def _kd_fns(run: _Run, mechanism: str):
   tx_t = _teacher_tx(run) if mechanism == "joint" else None
   if run.semi_supervised:
     make = functools.partial(ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t,
-                             run.prepare, run.prepare_strong, cfg)
+                             run.prepare, cfg)
     wrap = functools.partial(_sharded_ssl_fn, run)
   else:
     make = functools.partial(step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t,
@@ -534,7 +543,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   student = models.create(cfg.student.model, ds.num_classes)
   writer = MetricsWriter(workdir)
   run = _Run(cfg, workdir, mesh, ds, _device_arrays(ds, mesh), teacher, student,
-             _make_prepare(ds, cfg), _make_prepare_strong(ds, cfg), writer,
+             _make_prepare(ds), *_make_augment(cfg), writer,
              len(ds.train) // cfg.batch_size, {}, {})
   if run.semi_supervised and run.student_steps_per_epoch < 1:
     raise ValueError(f"config.ssl.unlabelled_ratio={cfg.ssl.unlabelled_ratio} x batch_size="
@@ -565,6 +574,8 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
   mech = cfg.kdaif.mechanism
   if mech == "none":
     infl, w = final_scores, np.ones_like(final_scores)
+  elif mech == "small_loss":  # its scores are losses, not influence
+    infl, w = final_scores, np.asarray(state.last_weights)
   else:
     infl, w = np.asarray(state.last_scores), np.asarray(state.last_weights)
   _write_weights_csv(run, infl, w, final_scores)
@@ -593,10 +604,18 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
                       "total_this_invocation": round(time.time() - t_start, 3)},
       "steps_per_second": {k: round(v, 3) for k, v in run.rates.items()},
       "device_count": run.mesh.size, "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
       "jax_version": jax.__version__,
   }
   with open(os.path.join(run.workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, sort_keys=True)
+  if cfg.report and jax.process_index() == 0:
+    try:
+      from kdaif_jax import report  # matplotlib is only imported when a report is written
+      out = report.write_report(run.workdir)
+      log.info("report: %s", out["report_md"])
+    except Exception as e:  # noqa: BLE001 - a report problem must not lose a finished run
+      log.warning("report could not be written: %s", e)
   log.info("done: teacher %s test acc %.4f | student %s test acc %.4f (%s)",
            cfg.teacher.model, summary["teacher"]["test_accuracy"], cfg.student.model,
            summary["student"]["test_accuracy"], mech)

@@ -81,11 +81,10 @@ def _ssl_setup(mechanism, **ssl_overrides):
       solve_stats=jnp.zeros(3), ema=jax.tree.map(jnp.copy, sp))
   img = lambda kk, n: jax.random.randint(kk, (n, 4, 4, 1), 0, 256).astype(jnp.uint8)
   batch = {"lab_images": img(k[3], 4), "lab_labels": jnp.array([0, 1, 2, 0]),
-           "unl_images": img(k[4], 8)}
+           "unl_weak": img(k[4], 8), "unl_strong": 255 - img(k[4], 8)}
   val = {"images": img(k[2], 6), "labels": jnp.array([0, 1, 2, 0, 1, 2])}
-  weak = lambda key, im: im.astype(jnp.float32) / 255.0
-  strong = lambda key, im: 1.0 - im.astype(jnp.float32) / 255.0
-  fn = ssl.make_ssl_step(student, teacher, tx, tx, weak, strong, cfg, axis_name=None)
+  prepare = lambda key, im: im.astype(jnp.float32) / 255.0
+  fn = ssl.make_ssl_step(student, teacher, tx, tx, prepare, cfg, axis_name=None)
   return state, batch, val, jax.jit(fn)
 
 
@@ -113,7 +112,7 @@ def test_ssl_step_updates(mechanism):
 def test_ssl_labelled_only_ignores_unlabelled_images():
   state, batch, val, fn = _ssl_setup("none", unlabelled_weight=0.0)
   a, _, _ = fn(state, batch, val)
-  batch2 = dict(batch, unl_images=255 - batch["unl_images"])
+  batch2 = dict(batch, unl_weak=255 - batch["unl_weak"], unl_strong=255 - batch["unl_strong"])
   b, _, _ = fn(state, batch2, val)
   for x, y in zip(jax.tree.leaves(a.student.params), jax.tree.leaves(b.student.params)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

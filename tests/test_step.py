@@ -44,7 +44,8 @@ def _changed(a, b):
   return any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "online", "joint"])
+@pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "online", "joint",
+                                       "small_loss"])
 def test_every_mechanism_updates_the_student(mechanism):
   *_, state, batch, val, fn = _setup(mechanism)
   new, metrics, (scores, w) = jax.jit(fn)(state, batch, val)
@@ -52,6 +53,8 @@ def test_every_mechanism_updates_the_student(mechanism):
   assert _changed(state.student.params, new.student.params)
   assert np.all(np.isfinite(np.asarray(metrics["loss"])))
   assert np.isclose(float(jnp.mean(w)), 1.0, atol=1e-5) or mechanism in ("static", "periodic")
+  if mechanism == "small_loss":  # the largest training loss gets the smallest weight
+    assert int(jnp.argmax(scores)) == int(jnp.argmin(w))
   if mechanism in ("online", "joint"):
     assert float(jnp.std(scores)) > 0 and float(jnp.std(w)) > 0
     assert int(metrics["cg_iterations"]) >= 1

@@ -47,7 +47,9 @@ def read_jsonl(path):
 def test_config_smoke_writes_every_file(name, tmp_path):
   cfg = load_config(name)
   assert cfg.kdaif.mechanism in config_lib.MECHANISMS
+  cfg.report = name == "default"  # the end-of-run report, once (tests/test_report.py has the rest)
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert (tmp_path / "report" / "report.md").exists() == cfg.report
   for f in ("summary.json", "metrics.jsonl", "config.json", "weights.csv", "splits.json",
             "predictions.npz", "experiment.json"):
     assert (tmp_path / f).exists(), f
@@ -200,7 +202,7 @@ out = {{}}
 for n in (1, 8):
   cfg = tiny(load_config("digits_noisy"), "online")
   cfg.num_devices = n
-  cfg.augment.pad = 0  # augmentation keys are per device; switch it off to compare
+  cfg.augment.pad, cfg.augment.flip = 1, True  # views are drawn for the global batch
   cfg.kdaif.val_batch_size = 56
   wd = f"{tmp}/d{{n}}"
   s = trainer.train_and_evaluate(cfg, wd)

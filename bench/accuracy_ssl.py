@@ -1,0 +1,122 @@
+"""Semi-supervised digits (10 labels per class): labelled-only vs pseudo-labels vs KD-AIF.
+
+Usage (from the repository root):
+    .venv/bin/python bench/accuracy_ssl.py                # 3 seeds, all four arms
+    .venv/bin/python bench/accuracy_ssl.py --quick        # seed 0, 3 student epochs
+    .venv/bin/python bench/accuracy_ssl.py --seeds 0 1 2 --arms labelled_only joint
+
+Every run is ``kdaif_jax.trainer.train_and_evaluate`` on configs/digits_ssl.py
+(100 labelled digits, the rest unlabelled, 50 for validation; cnn_large teacher
+trained on the labels, cnn_small student), with ``seed``, ``data.seed`` = seed.
+Arms:
+  labelled_only  the student on the 100 labels alone (``ssl.unlabelled_weight=0``)
+  pseudo_label   plain KD on the unlabelled data: teacher soft targets, weights 1
+  online         + KD-AIF influence weights on the unlabelled examples
+  joint          + the teacher learns from the student's influence feedback
+The teacher is trained once per seed (by the labelled_only run) and loaded by the
+others with ``teacher.init``. Resumable: a run whose workdir has summary.json is
+read back. Target (the issue): joint beats labelled_only by >= 8 points and
+pseudo_label by >= 2 points; printed as MET / MISSED.
+
+Writes bench/results/accuracy_ssl.json (``--quick``: accuracy_ssl_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import time
+
+import _common  # bench/_common.py
+import numpy as np
+
+from kdaif_jax import config as config_lib, trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ARMS = ("labelled_only", "pseudo_label", "online", "joint")
+TARGETS = (("labelled_only", 8.0), ("pseudo_label", 2.0))
+
+
+def load_config(arg=None):
+  spec = importlib.util.spec_from_file_location("digits_ssl", ROOT / "configs" / "digits_ssl.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def make_config(args, seed: int, arm: str, teacher_init: str):
+  cfg = load_config()
+  cfg.seed = cfg.data.seed = seed
+  if args.student_epochs is not None:
+    cfg.student.epochs = args.student_epochs
+  cfg.kdaif.mechanism = {"labelled_only": "none", "pseudo_label": "none"}.get(arm, arm)
+  if arm == "labelled_only":
+    cfg.ssl.unlabelled_weight = 0.0
+  cfg.teacher.init = teacher_init
+  cfg.progress = args.progress
+  cfg.report = False
+  config_lib.validate(cfg)
+  return cfg
+
+
+def run_one(args, seed: int, arm: str, teacher_init: str) -> dict:
+  tag = f"se{args.student_epochs}" if args.student_epochs is not None else "full"
+  wd = pathlib.Path(args.workdirs) / tag / f"seed{seed}" / arm
+  path = wd / "summary.json"
+  t0 = time.time()
+  if not path.exists():
+    trainer.train_and_evaluate(make_config(args, seed, arm, teacher_init), str(wd))
+  summary = json.loads(path.read_text())
+  return {"seed": seed, "arm": arm, "workdir": str(wd),
+          "student_test_accuracy": summary["student"]["test_accuracy"],
+          "teacher_test_accuracy": summary["teacher"]["test_accuracy"],
+          "wall_s_this_call": time.time() - t0, "wall_time_s": summary["wall_time_s"]}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+  p.add_argument("--student-epochs", type=int, default=None)
+  p.add_argument("--progress", default="log", choices=config_lib.PROGRESS)
+  p.add_argument("--workdirs", default=str(ROOT / "bench" / "workdirs" / "accuracy_ssl"))
+  args = p.parse_args()
+  if args.quick:
+    args.seeds, args.student_epochs = [0], args.student_epochs or 3
+  arms = ["labelled_only"] + [a for a in args.arms if a != "labelled_only"]
+  runs = []
+  for seed in args.seeds:
+    first = run_one(args, seed, arms[0], "")
+    runs.append(first)
+    for arm in arms[1:]:
+      runs.append(run_one(args, seed, arm, str(pathlib.Path(first["workdir"]))))
+  table = {}
+  for arm in arms:
+    acc = [100 * r["student_test_accuracy"] for r in runs if r["arm"] == arm]
+    table[arm] = {"mean": float(np.mean(acc)), "std": float(np.std(acc, ddof=1)) if len(acc) > 1
+                  else 0.0, "n": len(acc), "runs": acc}
+  teacher = sorted({round(100 * r["teacher_test_accuracy"], 4) for r in runs})
+  targets = []
+  if "joint" in table:
+    for base, points in TARGETS:
+      if base in table:
+        gain = table["joint"]["mean"] - table[base]["mean"]
+        targets.append({"text": f"joint beats {base} by >= {points} points", "gain": gain,
+                        "met": gain >= points})
+  print("\n| arm | student test accuracy % (mean ± std, n) |\n|---|---|")
+  for arm, t in table.items():
+    print(f"| {arm} | {t['mean']:.2f} ± {t['std']:.2f} (n={t['n']}) |")
+  print(f"teacher test accuracy per seed (%): {teacher}")
+  for t in targets:
+    print(f"target: {t['text']}: gain {t['gain']:+.2f} -> {'MET' if t['met'] else 'MISSED'}")
+  name = "accuracy_ssl_quick.json" if args.quick else "accuracy_ssl.json"
+  _common.write_json(_common.RESULTS_DIR / name, {
+      "environment": _common.environment(), "args": vars(args), "table": table,
+      "teacher_test_accuracy": teacher, "targets": targets, "runs": runs})
+
+
+if __name__ == "__main__":
+  main()

@@ -51,6 +51,7 @@ if ON_COLAB and importlib.util.find_spec("kdaif_jax") is None:
   if "<you>" in KDAIF_SOURCE:
     raise ValueError("Set KDAIF_SOURCE above to where kdaif_jax can be installed from.")
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", KDAIF_SOURCE], check=True)
+  print("Installed kdaif_jax. If pip changed the jax version, restart the session once.")
 print("on Colab:", ON_COLAB)
 '''
 
@@ -87,11 +88,12 @@ import os
 import tempfile
 
 import jax
+import numpy as np
 from IPython.display import Image, Markdown, display
 
 import kdaif_jax
 from kdaif_jax import config as config_lib
-from kdaif_jax import report, trainer
+from kdaif_jax import report, scoring, trainer
 
 SMALL = os.environ.get("KDAIF_NOTEBOOK_SMALL") == "1"
 NOISE_RATE = 0.4  # share of training labels replaced by a uniformly random other class
@@ -156,26 +158,39 @@ kd = trainer.train_and_evaluate(kd_cfg, kd_dir)
     ("md", '''
 ### 3. Comparison
 
-Noise detection: how well the run's signal ranks the flipped labels first. For KD-AIF it is
-the last training weight of each example (low weight = suspected wrong label); plain KD uses no
-weights, so its row ranks the influence computed once after training (`final_influence`), a
-signal it never acted on. AUROC 0.5 is chance; precision@k is the share of flipped labels among
-the k lowest-ranked examples, k = number flipped (chance = the noise rate).
+Noise detection (`summary["noise_detection"]`): how well the run's signal ranks the flipped
+labels first. For KD-AIF it is the last training weight of each example (low weight = suspected
+wrong label); plain KD uses no weights, so its summary ranks the influence computed once after
+training (`final_influence` in `weights.csv`), a signal it never acted on. The last column ranks
+`final_influence` for both runs, the like-for-like comparison. AUROC 0.5 is chance;
+precision@k is the share of flipped labels among the k lowest-ranked examples, k = number
+flipped (chance = the noise rate).
 '''),
     ("code", '''
 def fmt(v, pattern="{:.3f}"):
   return "–" if v is None else pattern.format(v)
 
 
+def final_influence_auroc(workdir):
+  """AUROC of `final_influence` (one whole-set solve after training) from weights.csv."""
+  with open(os.path.join(workdir, "weights.csv")) as f:
+    rows = list(csv.DictReader(f))
+  final = np.array([float(r["final_influence"]) for r in rows])
+  flipped = np.array([r["noisy"] == "1" for r in rows])
+  return scoring.detection_metrics(-final, flipped)["auroc"]  # high influence = suspicious
+
+
 rows = []
-for name, s in (("KD-AIF online", aif), ("plain KD", kd)):
+for name, s, workdir in (("KD-AIF online", aif, aif_dir), ("plain KD", kd, kd_dir)):
   det = s["noise_detection"]
   cells = [name, f"`{s['mechanism']}`", fmt(s["teacher"]["test_accuracy"], "{:.2%}"),
            fmt(s["student"]["test_accuracy"], "{:.2%}"), fmt(det["auroc"]),
-           fmt(det["precision_at_k"]), fmt(s["wall_time_s"].get("student"), "{:.0f} s")]
+           fmt(det["precision_at_k"]), fmt(final_influence_auroc(workdir)),
+           fmt(s["wall_time_s"].get("student"), "{:.0f} s")]
   rows.append("| " + " | ".join(cells) + " |")
-header = ("| run | mechanism | teacher test acc. | student test acc. | noise AUROC "
-          "| precision@k | student phase |\\n|---|---|---|---|---|---|---|")
+header = ("| run | mechanism | teacher test acc. | student test acc. | noise AUROC (summary) "
+          "| precision@k | AUROC of final influence | student phase |\\n"
+          "|---|---|---|---|---|---|---|---|")
 display(Markdown("\\n".join([header, *rows])))
 gain = aif["student"]["test_accuracy"] - kd["student"]["test_accuracy"]
 print(f"{aif['num_train']} training examples, {aif['noise_detection']['num_noisy']} flipped; "
@@ -592,12 +607,15 @@ print(f"CG: {int(info_lr.iterations)} iterations, residual {float(info_lr.residu
 print(f"Pearson r (predicted vs actual change of the validation loss, {len(chosen)} "
       f"examples): {pearson:.4f}")
 
-fig, ax = plt.subplots(figsize=(4.5, 4.5))
-ax.scatter(actual, predicted, s=18)
-lim = np.abs(np.concatenate([actual, predicted])).max() * 1.1
-ax.plot([-lim, lim], [-lim, lim], color="gray", lw=1, ls="--")
-ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="actual ΔL_V (leave-one-out retraining)",
-       ylabel="predicted ΔL_V = -I_i / n", title=f"Pearson r = {pearson:.3f}")
+fig, ax = plt.subplots(figsize=(5, 5))
+ax.scatter(1e3 * actual, 1e3 * predicted, s=18)
+lim = 1e3 * np.abs(np.concatenate([actual, predicted])).max() * 1.1
+ax.plot([-lim, lim], [-lim, lim], color="gray", lw=1, ls="--", label="y = x")
+ax.set(xlim=(-lim, lim), ylim=(-lim, lim),
+       xlabel=r"actual $\\Delta L_V$ (retrained), $\\times 10^{-3}$",
+       ylabel=r"predicted $\\Delta L_V = -I_i / n$, $\\times 10^{-3}$",
+       title=f"remove one example: Pearson r = {pearson:.3f}")
+ax.legend()
 plt.tight_layout()
 plt.show()
 '''),

@@ -47,8 +47,14 @@ def time_fn(fn: Callable, args: tuple, repeats: int, warmup: int = 1) -> dict[st
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     times.append(1e3 * (time.perf_counter() - t0))
-  return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-          "times_ms": [round(t, 3) for t in times], "first_call_s": first, "out": out}
+  return {
+    "median_ms": statistics.median(times),
+    "min_ms": min(times),
+    "max_ms": max(times),
+    "times_ms": [round(t, 3) for t in times],
+    "first_call_s": first,
+    "out": out,
+  }
 
 
 def environment() -> dict[str, Any]:
@@ -59,20 +65,20 @@ def environment() -> dict[str, Any]:
 
   dev = jax.devices()[0]
   return {
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "flax_version": flax.__version__,
-      "optax_version": optax.__version__,
-      "numpy_version": np.__version__,
-      "backend": jax.default_backend(),
-      "device_kind": dev.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax_version": jax.__version__,
+    "flax_version": flax.__version__,
+    "optax_version": optax.__version__,
+    "numpy_version": np.__version__,
+    "backend": jax.default_backend(),
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
   }
 
 

@@ -57,10 +57,20 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKDIRS = ROOT / "bench" / "workdirs" / "accuracy_digits"
 DEFAULT_MECHANISMS = ("none", "static", "periodic", "online", "online_identity")
 # (noise rate, required gain of online over none in points, kind)
-TARGETS = ({"noise": 0.4, "kind": "gain", "points": 3.0,
-            "text": "at 40% noise online beats none by >= 3 points"},
-           {"noise": 0.0, "kind": "within", "points": 0.5,
-            "text": "at 0% noise online within 0.5 points of none or better"})
+TARGETS = (
+  {
+    "noise": 0.4,
+    "kind": "gain",
+    "points": 3.0,
+    "text": "at 40% noise online beats none by >= 3 points",
+  },
+  {
+    "noise": 0.0,
+    "kind": "within",
+    "points": 0.5,
+    "text": "at 0% noise online within 0.5 points of none or better",
+  },
+)
 
 
 def load_config(name: str = "default", arg=None):
@@ -77,8 +87,10 @@ def resolve_label(label: str) -> dict:
     return {"mechanism": "online", "solver": "identity"}
   if label in config_lib.MECHANISMS:
     return {"mechanism": label}
-  raise ValueError(f"unknown mechanism label {label!r}; allowed: "
-                   f"{', '.join((*config_lib.MECHANISMS, 'online_identity'))}")
+  raise ValueError(
+    f"unknown mechanism label {label!r}; allowed: "
+    f"{', '.join((*config_lib.MECHANISMS, 'online_identity'))}"
+  )
 
 
 def make_config(args, noise: float, seed: int, label: str, teacher_init: str = ""):
@@ -134,16 +146,22 @@ def run_one(args, noise: float, seed: int, label: str, teacher_init: str) -> dic
     jax.clear_caches()  # every run compiles fresh closures; keep the process small
   det = summary.get("noise_detection") or {}
   rec.update(
-      student_test_accuracy=summary["student"]["test_accuracy"],
-      student_val_accuracy=summary["student"]["val_accuracy"],
-      teacher_test_accuracy=summary["teacher"]["test_accuracy"],
-      auroc=det.get("auroc"), precision_at_k=det.get("precision_at_k"),
-      num_noisy=det.get("num_noisy"), num_train=summary.get("num_train"),
-      trainer_wall_time_s=summary.get("wall_time_s"),
-      steps_per_second=summary.get("steps_per_second"))
-  print(f"       student {rec['student_test_accuracy']:.4f}  teacher "
-        f"{rec['teacher_test_accuracy']:.4f}  auroc {_fmt(rec['auroc'], '.3f')}  "
-        f"wall {_fmt(rec['wall_s'], '.0f')} s", flush=True)
+    student_test_accuracy=summary["student"]["test_accuracy"],
+    student_val_accuracy=summary["student"]["val_accuracy"],
+    teacher_test_accuracy=summary["teacher"]["test_accuracy"],
+    auroc=det.get("auroc"),
+    precision_at_k=det.get("precision_at_k"),
+    num_noisy=det.get("num_noisy"),
+    num_train=summary.get("num_train"),
+    trainer_wall_time_s=summary.get("wall_time_s"),
+    steps_per_second=summary.get("steps_per_second"),
+  )
+  print(
+    f"       student {rec['student_test_accuracy']:.4f}  teacher "
+    f"{rec['teacher_test_accuracy']:.4f}  auroc {_fmt(rec['auroc'], '.3f')}  "
+    f"wall {_fmt(rec['wall_s'], '.0f')} s",
+    flush=True,
+  )
   return rec
 
 
@@ -164,8 +182,9 @@ def aggregate(records: list[dict], noises, labels) -> dict:
   agg = {}
   for noise in noises:
     for label in labels:
-      rs = [r for r in records if r["noise"] == noise and r["mechanism"] == label
-            and "error" not in r]
+      rs = [
+        r for r in records if r["noise"] == noise and r["mechanism"] == label and "error" not in r
+      ]
       if not rs:
         continue
       entry = {"seeds": [r["seed"] for r in rs]}
@@ -176,11 +195,16 @@ def aggregate(records: list[dict], noises, labels) -> dict:
   teacher_check = {}
   for noise in noises:
     for seed in sorted({r["seed"] for r in records}):
-      accs = {r["mechanism"]: r["teacher_test_accuracy"] for r in records
-              if r["noise"] == noise and r["seed"] == seed and "error" not in r}
+      accs = {
+        r["mechanism"]: r["teacher_test_accuracy"]
+        for r in records
+        if r["noise"] == noise and r["seed"] == seed and "error" not in r
+      }
       if accs:
-        teacher_check[f"{noise:g}/{seed}"] = {"identical": len(set(accs.values())) == 1,
-                                              "accuracies": accs}
+        teacher_check[f"{noise:g}/{seed}"] = {
+          "identical": len(set(accs.values())) == 1,
+          "accuracies": accs,
+        }
   return {"by_noise_mechanism": agg, "teacher_identical": teacher_check}
 
 
@@ -190,10 +214,15 @@ def check_targets(agg: dict) -> list[dict]:
     none = agg.get(f"{t['noise']:g}/none")
     online = agg.get(f"{t['noise']:g}/online")
     res = {**t, "met": None, "gain_points": None}
-    if none and online and none["student_test_accuracy"]["n"] and \
-        online["student_test_accuracy"]["n"]:
-      gain = 100.0 * (online["student_test_accuracy"]["mean"]
-                      - none["student_test_accuracy"]["mean"])
+    if (
+      none
+      and online
+      and none["student_test_accuracy"]["n"]
+      and online["student_test_accuracy"]["n"]
+    ):
+      gain = 100.0 * (
+        online["student_test_accuracy"]["mean"] - none["student_test_accuracy"]["mean"]
+      )
       res["gain_points"] = gain
       res["met"] = gain >= t["points"] if t["kind"] == "gain" else gain >= -t["points"]
       res["seeds"] = {"none": none["seeds"], "online": online["seeds"]}
@@ -203,51 +232,70 @@ def check_targets(agg: dict) -> list[dict]:
 
 def print_table(agg: dict, targets: list[dict], noises, labels) -> None:
   by = agg["by_noise_mechanism"]
-  print("\n| noise | mechanism | student test acc % | teacher test acc % | AUROC (flipped) "
-        "| wall s / run | seeds |")
+  print(
+    "\n| noise | mechanism | student test acc % | teacher test acc % | AUROC (flipped) "
+    "| wall s / run | seeds |"
+  )
   print("|---:|---|---:|---:|---:|---:|---:|")
   for noise in noises:
     for label in labels:
       e = by.get(f"{noise:g}/{label}")
       if e is None:
         continue
-      s, t, a, w = (e[k] for k in ("student_test_accuracy", "teacher_test_accuracy", "auroc",
-                                   "wall_s"))
+      s, t, a, w = (
+        e[k] for k in ("student_test_accuracy", "teacher_test_accuracy", "auroc", "wall_s")
+      )
       pct = lambda d: "-" if d["mean"] is None else f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
       auroc = "-" if a["mean"] is None else f"{a['mean']:.3f} ± {a['std']:.3f}"
       wall = "-" if w["mean"] is None else f"{w['mean']:.0f}"
-      print(f"| {100 * noise:.0f}% | {label} | {pct(s)} | {pct(t)} | {auroc} | {wall} | "
-            f"{s['n']} |")
+      print(f"| {100 * noise:.0f}% | {label} | {pct(s)} | {pct(t)} | {auroc} | {wall} | {s['n']} |")
   print("\nmean ± sample std over seeds (std 0 with one seed).")
   bad = [k for k, v in agg["teacher_identical"].items() if not v["identical"]]
-  print("teacher test accuracy identical across mechanisms per (noise, seed): "
-        + ("yes" if not bad else f"NO for {', '.join(bad)}"))
+  print(
+    "teacher test accuracy identical across mechanisms per (noise, seed): "
+    + ("yes" if not bad else f"NO for {', '.join(bad)}")
+  )
   print("\ntargets:")
   for t in targets:
     if t["met"] is None:
       print(f"  {t['text']}: not measured (needs none and online at {100 * t['noise']:.0f}%)")
     else:
-      print(f"  {t['text']}: online - none = {t['gain_points']:+.2f} points -> "
-            f"{'MET' if t['met'] else 'MISSED'}")
+      print(
+        f"  {t['text']}: online - none = {t['gain_points']:+.2f} points -> "
+        f"{'MET' if t['met'] else 'MISSED'}"
+      )
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true",
-                  help="seed 0, noise 0.4, mechanisms none online, 3 student epochs")
+  ap.add_argument(
+    "--quick",
+    action="store_true",
+    help="seed 0, noise 0.4, mechanisms none online, 3 student epochs",
+  )
   ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
   ap.add_argument("--noise", type=float, nargs="+", default=None, help="default 0 0.2 0.4")
-  ap.add_argument("--mechanisms", nargs="+", default=None,
-                  help=f"labels (default {' '.join(DEFAULT_MECHANISMS)}); none always runs "
-                       "first (it trains the shared teacher)")
-  ap.add_argument("--student-epochs", type=int, default=None,
-                  help="student epochs (default: the config's, 20; quick 3)")
-  ap.add_argument("--teacher-epochs", type=int, default=None,
-                  help="teacher epochs (default: the config's, 15)")
+  ap.add_argument(
+    "--mechanisms",
+    nargs="+",
+    default=None,
+    help=f"labels (default {' '.join(DEFAULT_MECHANISMS)}); none always runs "
+    "first (it trains the shared teacher)",
+  )
+  ap.add_argument(
+    "--student-epochs",
+    type=int,
+    default=None,
+    help="student epochs (default: the config's, 20; quick 3)",
+  )
+  ap.add_argument(
+    "--teacher-epochs", type=int, default=None, help="teacher epochs (default: the config's, 15)"
+  )
   ap.add_argument("--progress", default="none", choices=("log", "none"))
   ap.add_argument("--workdirs", default=str(WORKDIRS))
-  ap.add_argument("--out", default=None,
-                  help="JSON path (default bench/results/accuracy_digits[_quick].json)")
+  ap.add_argument(
+    "--out", default=None, help="JSON path (default bench/results/accuracy_digits[_quick].json)"
+  )
   args = ap.parse_args()
   if args.quick:
     args.seeds = args.seeds or [0]
@@ -265,13 +313,19 @@ def main():
   for n in noises:
     if not 0.0 <= n < 1.0:
       ap.error(f"--noise {n}: allowed 0 <= rate < 1")
-  out_path = pathlib.Path(args.out or _common.RESULTS_DIR /
-                          ("accuracy_digits_quick.json" if args.quick else "accuracy_digits.json"))
+  out_path = pathlib.Path(
+    args.out
+    or _common.RESULTS_DIR
+    / ("accuracy_digits_quick.json" if args.quick else "accuracy_digits.json")
+  )
 
   env = _common.environment()
-  print(f"kdaif_jax digits accuracy: seeds {seeds}, noise {noises}, mechanisms {labels}, "
-        f"workdirs {pathlib.Path(args.workdirs) / tag_of(args)}; jax {env['jax_version']}, "
-        f"{env['backend']}, {env['cpu_count']} CPUs", flush=True)
+  print(
+    f"kdaif_jax digits accuracy: seeds {seeds}, noise {noises}, mechanisms {labels}, "
+    f"workdirs {pathlib.Path(args.workdirs) / tag_of(args)}; jax {env['jax_version']}, "
+    f"{env['backend']}, {env['cpu_count']} CPUs",
+    flush=True,
+  )
   base = load_config("default", None)
   t_start = time.perf_counter()
   records: list[dict] = []
@@ -279,18 +333,31 @@ def main():
 
   def save():
     agg = aggregate(records, noises, labels)
-    _common.write_json(out_path, {
-        "benchmark": "accuracy_digits", **env, "command": " ".join(sys.argv),
-        "quick": bool(args.quick), "config": "configs/default.py get_config(None)",
-        "seeds": seeds, "noise_rates": noises, "noise_kind": "symmetric", "mechanisms": labels,
+    _common.write_json(
+      out_path,
+      {
+        "benchmark": "accuracy_digits",
+        **env,
+        "command": " ".join(sys.argv),
+        "quick": bool(args.quick),
+        "config": "configs/default.py get_config(None)",
+        "seeds": seeds,
+        "noise_rates": noises,
+        "noise_kind": "symmetric",
+        "mechanisms": labels,
         "teacher_epochs": args.teacher_epochs or base.teacher.epochs,
         "student_epochs": args.student_epochs or base.student.epochs,
-        "teacher_model": base.teacher.model, "student_model": base.student.model,
+        "teacher_model": base.teacher.model,
+        "student_model": base.student.model,
         "workdirs": str(pathlib.Path(args.workdirs) / tag_of(args)),
         "std": "sample std (ddof=1) over seeds; 0 with one seed",
         "not_run": {"small_loss": "not reachable through the config"},
         "bench_wall_s": round(time.perf_counter() - t_start, 1),
-        "runs": records, **agg, "targets": check_targets(agg["by_noise_mechanism"])})
+        "runs": records,
+        **agg,
+        "targets": check_targets(agg["by_noise_mechanism"]),
+      },
+    )
     return agg
 
   for noise in noises:
@@ -298,16 +365,26 @@ def main():
       teacher_dir = ""
       for label in labels:
         if label != "none" and not teacher_dir:
-          records.append({"noise": noise, "seed": seed, "mechanism": label,
-                          "error": "skipped: the none run (teacher source) failed"})
+          records.append(
+            {
+              "noise": noise,
+              "seed": seed,
+              "mechanism": label,
+              "error": "skipped: the none run (teacher source) failed",
+            }
+          )
           failed += 1
           continue
         try:
           rec = run_one(args, noise, seed, label, teacher_dir if label != "none" else "")
         except Exception as e:  # noqa: BLE001 - record, go on with the other runs
           traceback.print_exc()
-          rec = {"noise": noise, "seed": seed, "mechanism": label,
-                 "error": f"{type(e).__name__}: {e}"}
+          rec = {
+            "noise": noise,
+            "seed": seed,
+            "mechanism": label,
+            "error": f"{type(e).__name__}: {e}",
+          }
           failed += 1
         records.append(rec)
         if label == "none" and "error" not in rec:
@@ -316,8 +393,11 @@ def main():
 
   agg = save()
   print_table(agg, check_targets(agg["by_noise_mechanism"]), noises, labels)
-  print(f"\nwrote {out_path} ({time.perf_counter() - t_start:.0f} s"
-        + (f", {failed} run(s) FAILED" if failed else "") + ")")
+  print(
+    f"\nwrote {out_path} ({time.perf_counter() - t_start:.0f} s"
+    + (f", {failed} run(s) FAILED" if failed else "")
+    + ")"
+  )
   sys.exit(1 if failed else 0)
 
 

@@ -32,7 +32,8 @@ import time
 import _common  # bench/_common.py
 import numpy as np
 
-from kdaif_jax import config as config_lib, trainer
+from kdaif_jax import config as config_lib
+from kdaif_jax import trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARMS = ("labelled_only", "pseudo_label", "online", "joint")
@@ -69,10 +70,15 @@ def run_one(args, seed: int, arm: str, teacher_init: str) -> dict:
   if not path.exists():
     trainer.train_and_evaluate(make_config(args, seed, arm, teacher_init), str(wd))
   summary = json.loads(path.read_text())
-  return {"seed": seed, "arm": arm, "workdir": str(wd),
-          "student_test_accuracy": summary["student"]["test_accuracy"],
-          "teacher_test_accuracy": summary["teacher"]["test_accuracy"],
-          "wall_s_this_call": time.time() - t0, "wall_time_s": summary["wall_time_s"]}
+  return {
+    "seed": seed,
+    "arm": arm,
+    "workdir": str(wd),
+    "student_test_accuracy": summary["student"]["test_accuracy"],
+    "teacher_test_accuracy": summary["teacher"]["test_accuracy"],
+    "wall_s_this_call": time.time() - t0,
+    "wall_time_s": summary["wall_time_s"],
+  }
 
 
 def main():
@@ -96,16 +102,21 @@ def main():
   table = {}
   for arm in arms:
     acc = [100 * r["student_test_accuracy"] for r in runs if r["arm"] == arm]
-    table[arm] = {"mean": float(np.mean(acc)), "std": float(np.std(acc, ddof=1)) if len(acc) > 1
-                  else 0.0, "n": len(acc), "runs": acc}
+    table[arm] = {
+      "mean": float(np.mean(acc)),
+      "std": float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0,
+      "n": len(acc),
+      "runs": acc,
+    }
   teacher = sorted({round(100 * r["teacher_test_accuracy"], 4) for r in runs})
   targets = []
   if "joint" in table:
     for base, points in TARGETS:
       if base in table:
         gain = table["joint"]["mean"] - table[base]["mean"]
-        targets.append({"text": f"joint beats {base} by >= {points} points", "gain": gain,
-                        "met": gain >= points})
+        targets.append(
+          {"text": f"joint beats {base} by >= {points} points", "gain": gain, "met": gain >= points}
+        )
   print("\n| arm | student test accuracy % (mean ± std, n) |\n|---|---|")
   for arm, t in table.items():
     print(f"| {arm} | {t['mean']:.2f} ± {t['std']:.2f} (n={t['n']}) |")
@@ -113,9 +124,17 @@ def main():
   for t in targets:
     print(f"target: {t['text']}: gain {t['gain']:+.2f} -> {'MET' if t['met'] else 'MISSED'}")
   name = "accuracy_ssl_quick.json" if args.quick else "accuracy_ssl.json"
-  _common.write_json(_common.RESULTS_DIR / name, {
-      "environment": _common.environment(), "args": vars(args), "table": table,
-      "teacher_test_accuracy": teacher, "targets": targets, "runs": runs})
+  _common.write_json(
+    _common.RESULTS_DIR / name,
+    {
+      "environment": _common.environment(),
+      "args": vars(args),
+      "table": table,
+      "teacher_test_accuracy": teacher,
+      "targets": targets,
+      "runs": runs,
+    },
+  )
 
 
 if __name__ == "__main__":

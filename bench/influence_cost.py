@@ -40,9 +40,9 @@ BATCH = 128
 NUM_CLASSES = 10
 DAMPING = 0.1
 TARGETS = {  # ratio name -> (upper bound, where it applies)
-    "hvp/grad": (2.0, "all"),
-    "cg_iter_unroll/hvp": (1.2, "cpu"),
-    "scores/grad": (1.0, "all"),
+  "hvp/grad": (2.0, "all"),
+  "cg_iter_unroll/hvp": (1.2, "cpu"),
+  "scores/grad": (1.0, "all"),
 }
 
 
@@ -70,27 +70,32 @@ def build(model):
   mean_ce = lambda p, x, y: jnp.mean(per_example(p, x, y))
 
   def gnvp_matvec(p, x, y):
-    return influence.make_gnvp(lambda q: apply(q, x),
-                               lambda z: jnp.mean(losses.cross_entropy(z, y)), p)
+    return influence.make_gnvp(
+      lambda q: apply(q, x), lambda z: jnp.mean(losses.cross_entropy(z, y)), p
+    )
 
   def vmap_grad_dot(p, s, x, y):
     single = lambda q, xi, yi: per_example(q, xi[None], yi[None])[0]
     g = jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(p, x, y)
-    return -sum(jnp.tensordot(gi, si, axes=si.ndim) for gi, si in
-                zip(jax.tree.leaves(g), jax.tree.leaves(s), strict=True))
+    return -sum(
+      jnp.tensordot(gi, si, axes=si.ndim)
+      for gi, si in zip(jax.tree.leaves(g), jax.tree.leaves(s), strict=True)
+    )
 
   fns = {
-      "grad": jax.jit(lambda p, v, x, y: jax.grad(mean_ce)(p, x, y)),
-      "hvp": jax.jit(lambda p, v, x, y: influence.hvp(mean_ce, p, v, x, y)),
-      "gnvp": jax.jit(lambda p, v, x, y: gnvp_matvec(p, x, y)(v)),
-      "scores": jax.jit(lambda p, s, x, y: influence.scores(per_example, p, s, x, y)),
-      "vmapgrad": jax.jit(vmap_grad_dot),
+    "grad": jax.jit(lambda p, v, x, y: jax.grad(mean_ce)(p, x, y)),
+    "hvp": jax.jit(lambda p, v, x, y: influence.hvp(mean_ce, p, v, x, y)),
+    "gnvp": jax.jit(lambda p, v, x, y: gnvp_matvec(p, x, y)(v)),
+    "scores": jax.jit(lambda p, s, x, y: influence.scores(per_example, p, s, x, y)),
+    "vmapgrad": jax.jit(vmap_grad_dot),
   }
 
   def cg(k, unroll, tol):
     def run(p, b, x, y):
-      return influence.cg_solve(gnvp_matvec(p, x, y), b, damping=DAMPING, maxiter=k, tol=tol,
-                                unroll=unroll)
+      return influence.cg_solve(
+        gnvp_matvec(p, x, y), b, damping=DAMPING, maxiter=k, tol=tol, unroll=unroll
+      )
+
     return jax.jit(run)
 
   return fns, cg, per_example
@@ -114,8 +119,9 @@ def main():
   ap.add_argument("--quick", action="store_true", help="3 repeats, 3 CG iterations")
   ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; quick 3)")
   ap.add_argument("--cg-iters", type=int, default=None, help="k for CG (default 5; quick 3)")
-  ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" /
-                                       "influence_cost.json"))
+  ap.add_argument(
+    "--out", default=str(pathlib.Path(__file__).parent / "results" / "influence_cost.json")
+  )
   args = ap.parse_args()
   repeats = args.repeats or (3 if args.quick else 5)
   k = args.cg_iters or (3 if args.quick else 5)
@@ -137,12 +143,17 @@ def main():
   for unroll in (True, False):
     for tol in (1e-6, 0.0):
       name = f"cg{k}_{'unroll' if unroll else 'loop'}_tol{tol:g}"
-      ms[name], first_s[name], (_, sinfo) = time_fn(cg(k, unroll, tol), (params, b, x, y),
-                                                    repeats)
-      info[name] = {"iterations": int(sinfo.iterations), "residual": float(sinfo.residual),
-                    "negative_curvature": bool(sinfo.negative_curvature)}
-      print(f"  {name:22s} {ms[name]:9.2f} ms  (compile+first {first_s[name]:.1f} s, "
-            f"{info[name]['iterations']} iterations)", flush=True)
+      ms[name], first_s[name], (_, sinfo) = time_fn(cg(k, unroll, tol), (params, b, x, y), repeats)
+      info[name] = {
+        "iterations": int(sinfo.iterations),
+        "residual": float(sinfo.residual),
+        "negative_curvature": bool(sinfo.negative_curvature),
+      }
+      print(
+        f"  {name:22s} {ms[name]:9.2f} ms  (compile+first {first_s[name]:.1f} s, "
+        f"{info[name]['iterations']} iterations)",
+        flush=True,
+      )
 
   per_iter = {}
   for mode in ("unroll", "loop"):
@@ -150,20 +161,22 @@ def main():
       name = f"cg{k}_{mode}_tol{tol}"
       per_iter[f"cg_iter_{mode}" + ("" if tol == "0" else "_tol1e-6")] = ms[name] / k
   ratios = {
-      "hvp/grad": ms["hvp"] / ms["grad"],
-      "gnvp/grad": ms["gnvp"] / ms["grad"],
-      "scores/grad": ms["scores"] / ms["grad"],
-      "scores/vmapgrad": ms["scores"] / ms["vmapgrad"],
-      "vmapgrad/grad": ms["vmapgrad"] / ms["grad"],
+    "hvp/grad": ms["hvp"] / ms["grad"],
+    "gnvp/grad": ms["gnvp"] / ms["grad"],
+    "scores/grad": ms["scores"] / ms["grad"],
+    "scores/vmapgrad": ms["scores"] / ms["vmapgrad"],
+    "vmapgrad/grad": ms["vmapgrad"] / ms["grad"],
   }
   for name, t in per_iter.items():
     ratios[f"{name}/hvp"] = t / ms["hvp"]
     ratios[f"{name}/gnvp"] = t / ms["gnvp"]
   backend = jax.default_backend()
 
-  print(f"\nkdaif_jax influence cost: {n_params:,} params, batch {BATCH}, float32, "
-        f"{backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}, median of {repeats}, CG k={k}, damping {DAMPING}")
+  print(
+    f"\nkdaif_jax influence cost: {n_params:,} params, batch {BATCH}, float32, "
+    f"{backend} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs, "
+    f"jax {jax.__version__}, median of {repeats}, CG k={k}, damping {DAMPING}"
+  )
   rows = dict(ms)
   rows.update({f"{n} (per iteration)": t for n, t in per_iter.items()})
   print(f"{'operation':40s} {'median ms':>10s} {'x grad':>7s}")
@@ -181,28 +194,28 @@ def main():
     print(f"{name:40s} {r:10.2f}  {mark}")
 
   out = {
-      "benchmark": "influence_cost",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "jax_version": jax.__version__,
-      "backend": backend,
-      "device_kind": jax.devices()[0].device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "platform": platform.platform(),
-      "model": "CifarNet (3 conv + 2 dense, no BatchNorm), 32x32x3 input, 10 classes",
-      "param_count": n_params,
-      "batch": BATCH,
-      "dtype": "float32",
-      "repeats": repeats,
-      "quick": bool(args.quick),
-      "cg_iters": k,
-      "damping": DAMPING,
-      "median_ms": ms,
-      "cg_per_iteration_ms": per_iter,
-      "compile_and_first_run_s": first_s,
-      "cg_info": info,
-      "ratios": ratios,
-      "targets": results_targets,
+    "benchmark": "influence_cost",
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "jax_version": jax.__version__,
+    "backend": backend,
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "platform": platform.platform(),
+    "model": "CifarNet (3 conv + 2 dense, no BatchNorm), 32x32x3 input, 10 classes",
+    "param_count": n_params,
+    "batch": BATCH,
+    "dtype": "float32",
+    "repeats": repeats,
+    "quick": bool(args.quick),
+    "cg_iters": k,
+    "damping": DAMPING,
+    "median_ms": ms,
+    "cg_per_iteration_ms": per_iter,
+    "compile_and_first_run_s": first_s,
+    "cg_info": info,
+    "ratios": ratios,
+    "targets": results_targets,
   }
   path = pathlib.Path(args.out)
   path.parent.mkdir(parents=True, exist_ok=True)

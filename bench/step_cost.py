@@ -69,8 +69,16 @@ REFRESH = (1, 5, 10)
 CORE = ("plain", "online_stale", "online_cg5")
 # Timed on the pairs of --sweep-pairs; compiled only (FLOPs) on the others.
 SWEEP = ("teacher_forward", "online_identity", "online_cg1", "online_cg3", "online_cg10")
-ALL_SETTINGS = ("plain", "teacher_forward", "online_stale", "online_identity", "online_cg1",
-                "online_cg3", "online_cg5", "online_cg10")
+ALL_SETTINGS = (
+  "plain",
+  "teacher_forward",
+  "online_stale",
+  "online_identity",
+  "online_cg1",
+  "online_cg3",
+  "online_cg5",
+  "online_cg10",
+)
 
 
 def make_cfg(mechanism: str, cg_iters: int = 5, solver: str = "cg"):
@@ -93,34 +101,36 @@ def build_inputs(student: models.Model, teacher: models.Model, tx, seed: int = 0
   # that is not the right-hand side; the cost is the same either way when unrolled).
   s0 = jax.tree.map(lambda p: 1e-3 * jax.random.normal(k_s0, p.shape, p.dtype), s_params)
   known = dict(
-      step=jnp.zeros((), jnp.int32),
-      key=jax.random.key_data(k_run),
-      student=step_lib.NetState(s_params, s_ms, tx.init(s_params)),
-      teacher=step_lib.NetState(t_params, t_ms, ()),
-      s=s0,
-      example_weights=jnp.ones((BATCH,), jnp.float32),
-      last_scores=jnp.zeros((BATCH,), jnp.float32),
-      last_weights=jnp.ones((BATCH,), jnp.float32),
-      solve_stats=jnp.zeros((3,), jnp.float32),
-      ema=s_params,
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.key_data(k_run),
+    student=step_lib.NetState(s_params, s_ms, tx.init(s_params)),
+    teacher=step_lib.NetState(t_params, t_ms, ()),
+    s=s0,
+    example_weights=jnp.ones((BATCH,), jnp.float32),
+    last_scores=jnp.zeros((BATCH,), jnp.float32),
+    last_weights=jnp.ones((BATCH,), jnp.float32),
+    solve_stats=jnp.zeros((3,), jnp.float32),
+    ema=s_params,
   )
   # TrainState grows fields as the library evolves; fill the ones it has.
   names = [f.name for f in dataclasses.fields(step_lib.TrainState)]
   missing = [n for n in names if n not in known]
   if missing:
-    raise RuntimeError(f"bench/step_cost.py does not know TrainState field(s) {missing}; "
-                       "add their initial values to build_inputs")
+    raise RuntimeError(
+      f"bench/step_cost.py does not know TrainState field(s) {missing}; "
+      "add their initial values to build_inputs"
+    )
   state = step_lib.TrainState(**{n: known[n] for n in names})
   rng = np.random.default_rng(seed)
   batch = {
-      "images": jnp.asarray(rng.integers(0, 256, (BATCH, *IMAGE_SHAPE)), jnp.uint8),
-      "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, BATCH), jnp.int32),
-      "noisy": jnp.asarray(rng.random(BATCH) < 0.2),
-      "weights": jnp.ones((BATCH,), jnp.float32),
+    "images": jnp.asarray(rng.integers(0, 256, (BATCH, *IMAGE_SHAPE)), jnp.uint8),
+    "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, BATCH), jnp.int32),
+    "noisy": jnp.asarray(rng.random(BATCH) < 0.2),
+    "weights": jnp.ones((BATCH,), jnp.float32),
   }
   val = {
-      "images": jnp.asarray(rng.integers(0, 256, (VAL_BATCH, *IMAGE_SHAPE)), jnp.uint8),
-      "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, VAL_BATCH), jnp.int32),
+    "images": jnp.asarray(rng.integers(0, 256, (VAL_BATCH, *IMAGE_SHAPE)), jnp.uint8),
+    "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, VAL_BATCH), jnp.int32),
   }
   return state, batch, val
 
@@ -151,37 +161,55 @@ def measure(fn, args, repeats: int | None, label: str) -> dict:
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  rec = {"timed": repeats is not None, "trace_s": round(trace_s, 3),
-         "compile_s": round(compile_s, 3), "flops": _flops(compiled)}
+  rec = {
+    "timed": repeats is not None,
+    "trace_s": round(trace_s, 3),
+    "compile_s": round(compile_s, 3),
+    "flops": _flops(compiled),
+  }
   gflop = f"{rec['flops'] / 1e9:7.1f} GFLOP" if rec["flops"] else "  ? GFLOP"
   if repeats is None:
     print(f"  {label:18s} {'(not timed)':>13s}   {gflop}  (compile {compile_s:6.1f} s)", flush=True)
     return rec
   r = _common.time_fn(compiled, args, repeats, warmup=1)
   out = r.pop("out")
-  rec.update(median_ms=r["median_ms"], min_ms=r["min_ms"], max_ms=r["max_ms"],
-             times_ms=r["times_ms"], first_run_s=round(r["first_call_s"], 3))
+  rec.update(
+    median_ms=r["median_ms"],
+    min_ms=r["min_ms"],
+    max_ms=r["max_ms"],
+    times_ms=r["times_ms"],
+    first_run_s=round(r["first_call_s"], 3),
+  )
   metrics = out[1] if isinstance(out, tuple) and len(out) > 1 else None
   if isinstance(metrics, dict) and "cg_iterations" in metrics:
     rec["cg_iterations"] = float(metrics["cg_iterations"])
     rec["cg_residual"] = float(metrics["cg_residual"])
-  print(f"  {label:18s} {rec['median_ms']:10.1f} ms   {gflop}  (compile {compile_s:6.1f} s, "
-        f"range {rec['min_ms']:.0f}-{rec['max_ms']:.0f} ms)", flush=True)
+  print(
+    f"  {label:18s} {rec['median_ms']:10.1f} ms   {gflop}  (compile {compile_s:6.1f} s, "
+    f"range {rec['min_ms']:.0f}-{rec['max_ms']:.0f} ms)",
+    flush=True,
+  )
   return rec
 
 
-def run_pair(student_name: str, teacher_name: str, timed: list[str], untimed: list[str],
-             repeats: int) -> dict:
+def run_pair(
+  student_name: str, teacher_name: str, timed: list[str], untimed: list[str], repeats: int
+) -> dict:
   """Measures ``timed`` settings and compiles ``untimed`` ones (FLOPs only) for one pair."""
   student = models.create(student_name, NUM_CLASSES)
   teacher = models.create(teacher_name, NUM_CLASSES)
   base = config_lib.base_config()
   tx = optim.make_optimizer(base.student.optimizer, steps_per_epoch=390, epochs=240)
   state, batch, val = build_inputs(student, teacher, tx)
-  counts = {"student": models.param_count(state.student.params),
-            "teacher": models.param_count(state.teacher.params)}
-  print(f"\n{student_name} ({counts['student']:,} params) <- {teacher_name} "
-        f"({counts['teacher']:,} params), batch {BATCH}, val batch {VAL_BATCH}", flush=True)
+  counts = {
+    "student": models.param_count(state.student.params),
+    "teacher": models.param_count(state.teacher.params),
+  }
+  print(
+    f"\n{student_name} ({counts['student']:,} params) <- {teacher_name} "
+    f"({counts['teacher']:,} params), batch {BATCH}, val batch {VAL_BATCH}",
+    flush=True,
+  )
   res: dict[str, dict] = {}
   args = (state, batch, val)
   for name in [n for n in ALL_SETTINGS if n in timed or n in untimed]:
@@ -192,11 +220,11 @@ def run_pair(student_name: str, teacher_name: str, timed: list[str], untimed: li
       res[name] = measure(fn, (state.teacher.params, state.teacher.model_state, x), reps, name)
       continue
     cfg, refresh = setting_config(name)
-    fn = step_lib.make_kd_step(student, teacher, tx, None, prepare, cfg, refresh=refresh,
-                               axis_name=None)
+    fn = step_lib.make_kd_step(
+      student, teacher, tx, None, prepare, cfg, refresh=refresh, axis_name=None
+    )
     res[name] = measure(fn, args, reps, name)
-  return {"student": student_name, "teacher": teacher_name, "param_counts": counts,
-          "steps": res}
+  return {"student": student_name, "teacher": teacher_name, "param_counts": counts, "steps": res}
 
 
 def setting_config(name: str):
@@ -208,7 +236,7 @@ def setting_config(name: str):
   if name == "online_identity":
     return make_cfg("online", solver="identity"), True
   if name.startswith("online_cg"):
-    return make_cfg("online", cg_iters=int(name[len("online_cg"):])), True
+    return make_cfg("online", cg_iters=int(name[len("online_cg") :])), True
   raise ValueError(f"unknown setting {name!r}; known: {', '.join(ALL_SETTINGS)}")
 
 
@@ -216,10 +244,16 @@ def summarise(pair: dict) -> dict:
   """Ratios to the plain step (time and FLOPs) and the amortised cost of refresh intervals."""
   steps = pair["steps"]
   plain = steps["plain"]
-  ratios = {n: r["median_ms"] / plain["median_ms"] for n, r in steps.items()
-            if n != "plain" and r["timed"] and plain["timed"]}
-  flop_ratios = {n: r["flops"] / plain["flops"] for n, r in steps.items()
-                 if n != "plain" and r["flops"] and plain["flops"]}
+  ratios = {
+    n: r["median_ms"] / plain["median_ms"]
+    for n, r in steps.items()
+    if n != "plain" and r["timed"] and plain["timed"]
+  }
+  flop_ratios = {
+    n: r["flops"] / plain["flops"]
+    for n, r in steps.items()
+    if n != "plain" and r["flops"] and plain["flops"]
+  }
   amortised = {}
   ref, stale = steps.get("online_cg5"), steps.get("online_stale")
   if ref and stale and ref["timed"] and stale["timed"] and plain["timed"]:
@@ -227,53 +261,96 @@ def summarise(pair: dict) -> dict:
       ms = (ref["median_ms"] + (r - 1) * stale["median_ms"]) / r
       amortised[f"R{r}"] = {"ms": ms, "ratio": ms / plain["median_ms"]}
   default = ratios.get("online_cg5")
-  target = {"setting": "online, cg_iters 5, refresh_every 1", "max_ratio": TARGET_RATIO,
-            "ratio": default, "met": None if default is None else bool(default <= TARGET_RATIO)}
-  return {"ratios_to_plain": ratios, "flop_ratios_to_plain": flop_ratios,
-          "refresh_interval_amortised": amortised, "target": target}
+  target = {
+    "setting": "online, cg_iters 5, refresh_every 1",
+    "max_ratio": TARGET_RATIO,
+    "ratio": default,
+    "met": None if default is None else bool(default <= TARGET_RATIO),
+  }
+  return {
+    "ratios_to_plain": ratios,
+    "flop_ratios_to_plain": flop_ratios,
+    "refresh_interval_amortised": amortised,
+    "target": target,
+  }
 
 
 def print_table(pair: dict) -> None:
   steps = pair["steps"]
   pc = pair["param_counts"]
-  print(f"\n### {pair['student']} ({pc['student']:,} params) <- {pair['teacher']} "
-        f"({pc['teacher']:,} params)")
+  print(
+    f"\n### {pair['student']} ({pc['student']:,} params) <- {pair['teacher']} "
+    f"({pc['teacher']:,} params)"
+  )
   print("| step | median ms | x plain (time) | GFLOP | x plain (FLOPs) | compile s |")
   print("|---|---:|---:|---:|---:|---:|")
   for name, r in steps.items():
     plain = name == "plain"
     ms = f"{r['median_ms']:.0f}" if r["timed"] else "not timed"
-    ratio = "1.00" if plain else (f"{pair['ratios_to_plain'][name]:.2f}"
-                                  if name in pair["ratios_to_plain"] else "-")
+    ratio = (
+      "1.00"
+      if plain
+      else (f"{pair['ratios_to_plain'][name]:.2f}" if name in pair["ratios_to_plain"] else "-")
+    )
     gflop = f"{r['flops'] / 1e9:.3g}" if r["flops"] else "?"
-    fratio = "1.00" if plain else (f"{pair['flop_ratios_to_plain'][name]:.2f}"
-                                   if name in pair["flop_ratios_to_plain"] else "-")
+    fratio = (
+      "1.00"
+      if plain
+      else (
+        f"{pair['flop_ratios_to_plain'][name]:.2f}" if name in pair["flop_ratios_to_plain"] else "-"
+      )
+    )
     print(f"| {name} | {ms} | {ratio} | {gflop} | {fratio} | {r['compile_s']:.1f} |")
   for name, a in pair["refresh_interval_amortised"].items():
-    print(f"| online_cg5, refresh every {name[1:]} (amortised) | {a['ms']:.0f} | "
-          f"{a['ratio']:.2f} | - | - | - |")
+    print(
+      f"| online_cg5, refresh every {name[1:]} (amortised) | {a['ms']:.0f} | "
+      f"{a['ratio']:.2f} | - | - | - |"
+    )
   t = pair["target"]
   if t["ratio"] is not None:
-    print(f"target: {t['setting']} <= {t['max_ratio']:.1f}x plain KD: measured {t['ratio']:.2f}x"
-          f" -> {'MET' if t['met'] else 'MISSED'}")
+    print(
+      f"target: {t['setting']} <= {t['max_ratio']:.1f}x plain KD: measured {t['ratio']:.2f}x"
+      f" -> {'MET' if t['met'] else 'MISSED'}"
+    )
   else:
     print("target: not measured (online_cg5 or plain not timed)")
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--quick", action="store_true",
-                  help="first pair, core settings (plain, online_stale, online_cg5), 3 repeats")
+  ap.add_argument(
+    "--quick",
+    action="store_true",
+    help="first pair, core settings (plain, online_stale, online_cg5), 3 repeats",
+  )
   ap.add_argument("--repeats", type=int, default=None, help="timed calls (default 5; quick 3)")
-  ap.add_argument("--pairs", nargs="+", default=None, metavar="STUDENT:TEACHER",
-                  help=f"student:teacher pairs (default {' '.join(DEFAULT_PAIRS)})")
-  ap.add_argument("--sweep-pairs", choices=("all", "first", "none"), default="all",
-                  help="pairs on which the sweep settings (" + ", ".join(SWEEP) + ") are timed; "
-                       "on the others they are compiled only (FLOPs, compile time)")
-  ap.add_argument("--untimed", nargs="*", default=[], metavar="SETTING",
-                  help="settings compiled only, on every pair (e.g. online_cg10)")
-  ap.add_argument("--note", action="append", default=[],
-                  help="free-text note stored in the JSON (e.g. why settings were reduced)")
+  ap.add_argument(
+    "--pairs",
+    nargs="+",
+    default=None,
+    metavar="STUDENT:TEACHER",
+    help=f"student:teacher pairs (default {' '.join(DEFAULT_PAIRS)})",
+  )
+  ap.add_argument(
+    "--sweep-pairs",
+    choices=("all", "first", "none"),
+    default="all",
+    help="pairs on which the sweep settings (" + ", ".join(SWEEP) + ") are timed; "
+    "on the others they are compiled only (FLOPs, compile time)",
+  )
+  ap.add_argument(
+    "--untimed",
+    nargs="*",
+    default=[],
+    metavar="SETTING",
+    help="settings compiled only, on every pair (e.g. online_cg10)",
+  )
+  ap.add_argument(
+    "--note",
+    action="append",
+    default=[],
+    help="free-text note stored in the JSON (e.g. why settings were reduced)",
+  )
   ap.add_argument("--out", default=str(_common.RESULTS_DIR / "step_cost.json"))
   args = ap.parse_args()
   for name in args.untimed:
@@ -290,14 +367,16 @@ def main():
       ap.error(f"--pairs {spec}: expected STUDENT:TEACHER")
     sweep = sweep_pairs == "all" or (sweep_pairs == "first" and i == 0)
     timed = [n for n in CORE + (SWEEP if sweep else ()) if n not in args.untimed]
-    untimed = [n for n in ALL_SETTINGS if n not in timed and (not args.quick or
-                                                              n in args.untimed)]
+    untimed = [n for n in ALL_SETTINGS if n not in timed and (not args.quick or n in args.untimed)]
     plan.append((spec, timed, untimed))
 
   env = _common.environment()
-  print(f"kdaif_jax step cost: jax {env['jax_version']}, {env['backend']} "
-        f"({env['device_kind']}), {env['cpu_count']} CPUs, load average "
-        f"{env['load_average_1_5_15']}, batch {BATCH}, median of {repeats}", flush=True)
+  print(
+    f"kdaif_jax step cost: jax {env['jax_version']}, {env['backend']} "
+    f"({env['device_kind']}), {env['cpu_count']} CPUs, load average "
+    f"{env['load_average_1_5_15']}, batch {BATCH}, median of {repeats}",
+    flush=True,
+  )
   t_start = time.perf_counter()
   results = []
   for spec, timed, untimed in plan:
@@ -317,30 +396,42 @@ def main():
   for note in args.note:
     print(f"note: {note}")
   out = {
-      "benchmark": "step_cost",
-      **env,
-      "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-      "command": " ".join(sys.argv),
-      "quick": bool(args.quick),
-      "batch": BATCH,
-      "val_batch": VAL_BATCH,
-      "num_classes": NUM_CLASSES,
-      "image_shape": list(IMAGE_SHAPE),
-      "dtype": "float32",
-      "repeats": repeats,
-      "timing": "jit(...).lower().compile(), 1 untimed run, median of `repeats` timed runs "
-                "with block_until_ready; same inputs every call, nothing donated. "
-                "flops: XLA cost_analysis of the compiled step (untimed settings: compiled only)",
-      "kdaif": {k: v for k, v in config_lib.base_config().kdaif.to_dict().items()
-                if k in ("curvature", "solver", "damping", "cg_iters", "cg_tol", "warm_start",
-                         "refresh_every", "unroll", "weights")},
-      "settings": {spec: {"timed": timed, "compiled_only": untimed}
-                   for spec, timed, untimed in plan},
-      "refresh_intervals": list(REFRESH),
-      "target": {"setting": "online, cg_iters 5, refresh_every 1", "max_ratio": TARGET_RATIO},
-      "pairs": results,
-      "notes": args.note,
-      "bench_wall_s": round(total_s, 1),
+    "benchmark": "step_cost",
+    **env,
+    "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    "command": " ".join(sys.argv),
+    "quick": bool(args.quick),
+    "batch": BATCH,
+    "val_batch": VAL_BATCH,
+    "num_classes": NUM_CLASSES,
+    "image_shape": list(IMAGE_SHAPE),
+    "dtype": "float32",
+    "repeats": repeats,
+    "timing": "jit(...).lower().compile(), 1 untimed run, median of `repeats` timed runs "
+    "with block_until_ready; same inputs every call, nothing donated. "
+    "flops: XLA cost_analysis of the compiled step (untimed settings: compiled only)",
+    "kdaif": {
+      k: v
+      for k, v in config_lib.base_config().kdaif.to_dict().items()
+      if k
+      in (
+        "curvature",
+        "solver",
+        "damping",
+        "cg_iters",
+        "cg_tol",
+        "warm_start",
+        "refresh_every",
+        "unroll",
+        "weights",
+      )
+    },
+    "settings": {spec: {"timed": timed, "compiled_only": untimed} for spec, timed, untimed in plan},
+    "refresh_intervals": list(REFRESH),
+    "target": {"setting": "online, cg_iters 5, refresh_every 1", "max_ratio": TARGET_RATIO},
+    "pairs": results,
+    "notes": args.note,
+    "bench_wall_s": round(total_s, 1),
   }
   path = _common.write_json(args.out, out)
   print(f"\nwrote {path} ({total_s:.0f} s)")

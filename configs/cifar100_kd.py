@@ -31,8 +31,16 @@ def get_config(arg: str | None = None):
   for net in ("teacher", "student"):
     c[net].epochs = 240
     opt = c[net].optimizer
-    opt.update(name="sgd", lr=0.05, momentum=0.9, nesterov=False, weight_decay=5e-4,
-               schedule="step", decay_epochs=(150, 180, 210), decay_factor=0.1)
+    opt.update(
+      name="sgd",
+      lr=0.05,
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=5e-4,
+      schedule="step",
+      decay_epochs=(150, 180, 210),
+      decay_factor=0.1,
+    )
   c.kd.temperature = 4.0
   c.kd.alpha = 0.1  # CRD's KD baseline: 0.1 CE + 0.9 KD
   c.kdaif.val_batch_size = 512

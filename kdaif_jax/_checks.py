@@ -16,25 +16,33 @@ def check_tree_match(reference: Any, tree: Any, name: str, ref_name: str) -> Non
   """Raises ValueError unless ``tree`` has the structure and leaf shapes of ``reference``."""
   ref_def, tree_def = jax.tree.structure(reference), jax.tree.structure(tree)
   if ref_def != tree_def:
-    raise ValueError(f"{name} must have the same pytree structure as {ref_name}: "
-                     f"got {tree_def}, expected {ref_def}")
+    raise ValueError(
+      f"{name} must have the same pytree structure as {ref_name}: "
+      f"got {tree_def}, expected {ref_def}"
+    )
   for path_leaf, leaf in zip(jax.tree_util.tree_leaves_with_path(reference), jax.tree.leaves(tree)):
     path, ref = path_leaf
     if np.shape(ref) != np.shape(leaf):
-      raise ValueError(f"{name}{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, "
-                       f"but {ref_name}{jax.tree_util.keystr(path)} has shape {np.shape(ref)}")
+      raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, "
+        f"but {ref_name}{jax.tree_util.keystr(path)} has shape {np.shape(ref)}"
+      )
     ref_dtype, dtype = getattr(ref, "dtype", None), getattr(leaf, "dtype", None)
     if ref_dtype is not None and dtype is not None and ref_dtype != dtype:
-      raise ValueError(f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}, "
-                       f"but {ref_name}{jax.tree_util.keystr(path)} has dtype {ref_dtype}")
+      raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}, "
+        f"but {ref_name}{jax.tree_util.keystr(path)} has dtype {ref_dtype}"
+      )
 
 
 def check_scalar_fn(f: Any, name: str, *args, **kwargs) -> None:
   """Raises ValueError unless ``f(*args, **kwargs)`` returns a scalar (checked abstractly)."""
   out = jax.eval_shape(lambda *a: f(*a, **kwargs), *args)
   if getattr(out, "shape", None) != ():
-    raise ValueError(f"{name} must return a scalar loss, got "
-                     f"{getattr(out, 'shape', type(out).__name__)}; reduce it (e.g. mean) first")
+    raise ValueError(
+      f"{name} must return a scalar loss, got "
+      f"{getattr(out, 'shape', type(out).__name__)}; reduce it (e.g. mean) first"
+    )
 
 
 def check_nonnegative(value: Any, name: str) -> None:

@@ -58,8 +58,14 @@ def training_curves(path: str, rows: dict[str, list[dict]]) -> str:
         y = line.get(metric)
         if y is None or not np.isfinite(np.asarray(y, float)).any():
           continue
-        ax.plot(line["x"], y, line.get("ls", "-"), color=line.get("color"),
-                marker=line.get("marker", "."), label=line["label"])
+        ax.plot(
+          line["x"],
+          y,
+          line.get("ls", "-"),
+          color=line.get("color"),
+          marker=line.get("marker", "."),
+          label=line["label"],
+        )
         drawn += 1
       if drawn:
         ax.set_xlabel("epoch")
@@ -90,26 +96,53 @@ def series(records: list[dict], kind: str, phase: str, net: str | None, split: s
   return xs, {m: [float(np.mean(by[e].get(m, [np.nan]))) for e in xs] for m in ("accuracy", "loss")}
 
 
-def curve_lines(records: list[dict], phase: str, net: str, name: str, color: str, offset: int = 0,
-                splits: tuple[str, ...] = ("val", "test")) -> list[dict]:
+def curve_lines(
+  records: list[dict],
+  phase: str,
+  net: str,
+  name: str,
+  color: str,
+  offset: int = 0,
+  splits: tuple[str, ...] = ("val", "test"),
+) -> list[dict]:
   """Lines for ``training_curves``: eval accuracy/loss of ``net`` in ``phase`` per split,
   and (when ``net`` is the phase's own network) the epoch mean of the train objective."""
   out = []
   for split, ls, marker in zip(splits, ("-", "--"), ("o", "x"), strict=False):
     x, ys = series(records, "eval", phase, net, split)
     if x:
-      out.append({"label": f"{name} {split}", "x": [e + offset for e in x], **ys, "color": color,
-                  "ls": ls, "marker": marker})
+      out.append(
+        {
+          "label": f"{name} {split}",
+          "x": [e + offset for e in x],
+          **ys,
+          "color": color,
+          "ls": ls,
+          "marker": marker,
+        }
+      )
   if splits == ("val", "test"):
     x, ys = series(records, "train", phase, None, None)
     if x and net == phase:
-      out.append({"label": f"{name} train (objective)", "x": [e + offset for e in x],
-                  "loss": ys["loss"], "color": color, "ls": ":"})
+      out.append(
+        {
+          "label": f"{name} train (objective)",
+          "x": [e + offset for e in x],
+          "loss": ys["loss"],
+          "color": color,
+          "ls": ":",
+        }
+      )
   return out
 
 
-def weights_and_detection(path: str, weight: np.ndarray, influence: np.ndarray | None,
-                          noisy: np.ndarray, roc: dict[str, tuple] | None) -> str:
+def weights_and_detection(
+  path: str,
+  weight: np.ndarray,
+  influence: np.ndarray | None,
+  noisy: np.ndarray,
+  roc: dict[str, tuple] | None,
+) -> str:
   """Histograms of the training weights and of the final influence (clean vs flipped),
   and ROC curves of flipped-label detection.
 
@@ -152,8 +185,14 @@ def weights_and_detection(path: str, weight: np.ndarray, influence: np.ndarray |
   return _save(fig, path)
 
 
-def example_grid(path: str, title: str, images: np.ndarray, captions: list[str],
-                 flipped: np.ndarray, ncols: int = 6) -> str:
+def example_grid(
+  path: str,
+  title: str,
+  images: np.ndarray,
+  captions: list[str],
+  flipped: np.ndarray,
+  ncols: int = 6,
+) -> str:
   """Training images with captions; flipped labels captioned in red.
 
   Args:
@@ -181,15 +220,18 @@ def example_grid(path: str, title: str, images: np.ndarray, captions: list[str],
   return _save(fig, path)
 
 
-def per_class(path: str, teacher: np.ndarray | None, student: np.ndarray | None,
-              class_names: list[str]) -> str:
+def per_class(
+  path: str, teacher: np.ndarray | None, student: np.ndarray | None, class_names: list[str]
+) -> str:
   """Bars of per-class test accuracy of teacher and student."""
   k = len(class_names)
   fig = Figure(figsize=(min(max(6.0, 0.45 * k + 2), 18), 3.4), layout="constrained")
   ax = fig.subplots()
   x = np.arange(k)
-  for offset, acc, label, color in ((-0.2, teacher, "teacher", "tab:gray"),
-                                    (0.2, student, "student", "tab:green")):
+  for offset, acc, label, color in (
+    (-0.2, teacher, "teacher", "tab:gray"),
+    (0.2, student, "student", "tab:green"),
+  ):
     if acc is not None:
       ax.bar(x + offset, np.nan_to_num(acc), width=0.4, label=label, color=color)
   if k <= 30:
@@ -215,12 +257,34 @@ def reliability(path: str, curves: dict[str, tuple]) -> str:
     b = len(count)
     edges = np.linspace(0, 1, b + 1)
     has = count > 0
-    ax.bar(edges[:-1][has], acc[has], width=1 / b, align="edge", edgecolor="black",
-           color="tab:blue", alpha=0.75, label="accuracy")
-    ax.bar(edges[:-1][has], conf[has], width=1 / b, align="edge", fill=False,
-           edgecolor="tab:red", hatch="//", label="mean confidence")
-    ax.bar(edges[:-1] + 0.5 / b, count / max(count.sum(), 1), width=0.4 / b, color="0.2",
-           zorder=3, label="share of examples")
+    ax.bar(
+      edges[:-1][has],
+      acc[has],
+      width=1 / b,
+      align="edge",
+      edgecolor="black",
+      color="tab:blue",
+      alpha=0.75,
+      label="accuracy",
+    )
+    ax.bar(
+      edges[:-1][has],
+      conf[has],
+      width=1 / b,
+      align="edge",
+      fill=False,
+      edgecolor="tab:red",
+      hatch="//",
+      label="mean confidence",
+    )
+    ax.bar(
+      edges[:-1] + 0.5 / b,
+      count / max(count.sum(), 1),
+      width=0.4 / b,
+      color="0.2",
+      zorder=3,
+      label="share of examples",
+    )
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -262,16 +326,20 @@ def _inline(text: str) -> str:
   return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
 
 
-_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-        "line-height:1.45}table{border-collapse:collapse;margin:0.5em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
-        "img{max-width:100%}code{background:#f3f3f3;padding:0 3px}")
+_CSS = (
+  "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+  "line-height:1.45}table{border-collapse:collapse;margin:0.5em 0}"
+  "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+  "img{max-width:100%}code{background:#f3f3f3;padding:0 3px}"
+)
 
 
 def render_html(blocks: list[tuple], folder: str, title: str) -> str:
   """One self-contained HTML page: every picture embedded as a base64 data URI."""
-  out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-         f"</title><style>{_CSS}</style></head><body>"]
+  out = [
+    f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+    f"</title><style>{_CSS}</style></head><body>"
+  ]
   for b in blocks:
     if b[0] == "h":
       out.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
@@ -281,8 +349,7 @@ def render_html(blocks: list[tuple], folder: str, title: str) -> str:
       out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
     elif b[0] == "table":
       head = "".join(f"<th>{_inline(v)}</th>" for v in b[1])
-      rows = "".join("<tr>" + "".join(f"<td>{_inline(v)}</td>" for v in r) + "</tr>"
-                     for r in b[2])
+      rows = "".join("<tr>" + "".join(f"<td>{_inline(v)}</td>" for v in r) + "</tr>" for r in b[2])
       out.append(f"<table><tr>{head}</tr>{rows}</table>")
     elif b[0] == "img":
       with open(os.path.join(folder, b[1]), "rb") as f:

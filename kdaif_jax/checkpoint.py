@@ -34,8 +34,9 @@ class PhaseCheckpoints:
 
   def __init__(self, workdir: str, phase: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints", phase))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -44,16 +45,21 @@ class PhaseCheckpoints:
 
   def save(self, step: int, state: Any, record: dict | None = None) -> None:
     """Saves ``state`` (asynchronously) and ``record`` (JSON) at ``step``."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              record=ocp.args.JsonSave(record or {}))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record or {})
+    )
     self._manager.save(step, args=args)
 
   def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores the state at ``step`` (newest by default) shaped and placed like ``like``."""
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    out = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()
+      ),
+    )
     return out.state, dict(out.record or {})
 
   def wait(self) -> None:
@@ -96,8 +102,9 @@ def check_experiment(workdir: str, fingerprint: dict) -> None:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
       more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
       raise CheckpointMismatchError(
-          f"--workdir={workdir} holds checkpoints of a different experiment ({shown}{more}); "
-          "use a new --workdir or delete that one")
+        f"--workdir={workdir} holds checkpoints of a different experiment ({shown}{more}); "
+        "use a new --workdir or delete that one"
+      )
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:

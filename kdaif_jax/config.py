@@ -32,12 +32,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0  # 0: all visible devices
   c.multihost = False
   c.augment = ml_collections.ConfigDict(dict(pad=1, flip=False))
-  c.teacher = ml_collections.ConfigDict(dict(
-      model="cnn_large", init="", epochs=15, optimizer=optim.default_optimizer_config(0.05)))
-  c.student = ml_collections.ConfigDict(dict(
-      model="cnn_small", epochs=20, optimizer=optim.default_optimizer_config(0.05)))
+  c.teacher = ml_collections.ConfigDict(
+    dict(model="cnn_large", init="", epochs=15, optimizer=optim.default_optimizer_config(0.05))
+  )
+  c.student = ml_collections.ConfigDict(
+    dict(model="cnn_small", epochs=20, optimizer=optim.default_optimizer_config(0.05))
+  )
   c.kd = ml_collections.ConfigDict(dict(temperature=4.0, alpha=0.5))
-  c.kdaif = ml_collections.ConfigDict(dict(
+  c.kdaif = ml_collections.ConfigDict(
+    dict(
       mechanism="online",
       weights="sigmoid",
       weight_temperature=1.0,
@@ -55,9 +58,11 @@ def base_config() -> ml_collections.ConfigDict:
       proxy_epochs=0,  # static: epochs of the plain-KD proxy student (0: student.epochs)
       whole_set=ml_collections.ConfigDict(dict(cg_iters=50, curvature_size=1024)),
       joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01)),
-  ))
+    )
+  )
   # Semi-supervised (active when data.num_labelled > 0), METHOD.md section 5.
-  c.ssl = ml_collections.ConfigDict(dict(
+  c.ssl = ml_collections.ConfigDict(
+    dict(
       unlabelled_ratio=7,  # unlabelled batch = ratio x labelled batch (UDA/MPL use 7)
       targets="soft",  # student learns the teacher's soft targets, or "hard" pseudo-labels
       unlabelled_weight=1.0,  # λ_u; 0 trains the student on labelled data only
@@ -68,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
       finetune_epochs=0,  # final student fine-tuning on the labelled set (as MPL)
       finetune_lr=0.01,
       strong=ml_collections.ConfigDict(dict(num_ops=2, magnitude=10.0, cutout=16)),
-  ))
+    )
+  )
   c.log_every_steps = 20
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 200
@@ -99,8 +105,9 @@ def _get(cfg, option: str):
   return node
 
 
-def _number(cfg, option: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
-            integer: bool = False) -> None:
+def _number(
+  cfg, option: str, lo: float, hi: float = math.inf, *, lo_open: bool = False, integer: bool = False
+) -> None:
   value = _get(cfg, option)
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   if ok and integer:
@@ -172,8 +179,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, "ssl.strong.magnitude", 0, 10)
   _number(cfg, "ssl.strong.cutout", 0, integer=True)
   if cfg.data.num_labelled > 0 and cfg.kdaif.mechanism not in SSL_MECHANISMS:
-    _fail("kdaif.mechanism", cfg.kdaif.mechanism,
-          f"{', '.join(SSL_MECHANISMS)} when data.num_labelled > 0 (semi-supervised)")
+    _fail(
+      "kdaif.mechanism",
+      cfg.kdaif.mechanism,
+      f"{', '.join(SSL_MECHANISMS)} when data.num_labelled > 0 (semi-supervised)",
+    )
   _number(cfg, "log_every_steps", 1, integer=True)
   _number(cfg, "eval_every_epochs", 1, integer=True)
   _number(cfg, "checkpoint_every_steps", 1, integer=True)
@@ -192,8 +202,9 @@ def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     size = 32 if cfg.data.name != "synthetic" else cfg.data.synthetic.image_size
     classes = {"cifar100": 100}.get(cfg.data.name, cfg.data.synthetic.num_classes)
     cfg.data.name = "synthetic"
-    cfg.data.synthetic.update(dict(num_train=128, num_val=32, num_test=64, image_size=size,
-                                   channels=3, num_classes=classes))
+    cfg.data.synthetic.update(
+      dict(num_train=128, num_val=32, num_test=64, image_size=size, channels=3, num_classes=classes)
+    )
     cfg.teacher.model, cfg.student.model = "cnn_large", "cnn_small"
   else:
     cfg.data.num_train = 256

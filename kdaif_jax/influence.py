@@ -84,9 +84,9 @@ def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree) -> Matvec:
 
 
 def make_gnvp(
-    outputs_fn: Callable[[PyTree], Any],
-    loss_fn: Callable[[Any], jax.Array],
-    params: PyTree,
+  outputs_fn: Callable[[PyTree], Any],
+  loss_fn: Callable[[Any], jax.Array],
+  params: PyTree,
 ) -> Matvec:
   """Returns the Gauss-Newton product ``v -> Jᵀ H_out J v``, linearised once.
 
@@ -120,10 +120,10 @@ def make_gnvp(
 
 
 def gnvp(
-    outputs_fn: Callable[[PyTree], Any],
-    loss_fn: Callable[[Any], jax.Array],
-    params: PyTree,
-    v: PyTree,
+  outputs_fn: Callable[[PyTree], Any],
+  loss_fn: Callable[[Any], jax.Array],
+  params: PyTree,
+  v: PyTree,
 ) -> PyTree:
   """Gauss-Newton vector product Jᵀ H_out J v (always PSD for convex losses).
 
@@ -184,14 +184,14 @@ def default_unroll() -> bool:
 
 
 def cg_solve(
-    matvec: Matvec,
-    b: PyTree,
-    *,
-    damping: float | jax.Array = 0.0,
-    maxiter: int = 10,
-    tol: float = 1e-6,
-    x0: PyTree | None = None,
-    unroll: bool | None = None,
+  matvec: Matvec,
+  b: PyTree,
+  *,
+  damping: float | jax.Array = 0.0,
+  maxiter: int = 10,
+  tol: float = 1e-6,
+  x0: PyTree | None = None,
+  unroll: bool | None = None,
 ) -> tuple[PyTree, SolveInfo]:
   """Solves (A + damping·I) x = b by conjugate gradient on pytrees.
 
@@ -255,23 +255,23 @@ def cg_solve(
     state = jax.lax.while_loop(cond, body, state)
   x, _, _, rr, it, neg, _ = state
   info = SolveInfo(
-      iterations=it,
-      residual=jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0)),
-      negative_curvature=neg,
-      finite=_tree_isfinite(x),
+    iterations=it,
+    residual=jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0)),
+    negative_curvature=neg,
+    finite=_tree_isfinite(x),
   )
   return x, info
 
 
 def lissa(
-    matvec: Matvec | Sequence[Matvec],
-    b: PyTree,
-    *,
-    damping: float = 0.0,
-    scale: float = 10.0,
-    depth: int = 100,
-    batches: Iterable[Any] | None = None,
-    unroll: bool | None = None,
+  matvec: Matvec | Sequence[Matvec],
+  b: PyTree,
+  *,
+  damping: float = 0.0,
+  scale: float = 10.0,
+  depth: int = 100,
+  batches: Iterable[Any] | None = None,
+  unroll: bool | None = None,
 ) -> tuple[PyTree, SolveInfo]:
   """Approximates (A + damping·I)⁻¹ b by the (stochastic) Neumann series, LiSSA.
 
@@ -313,8 +313,9 @@ def lissa(
   elif batches is not None:
     batch_list = list(itertools.islice(iter(batches), depth))
     if len(batch_list) < depth:
-      raise ValueError(f"lissa got {len(batch_list)} batches but depth={depth}; "
-                       "pass at least one batch per step")
+      raise ValueError(
+        f"lissa got {len(batch_list)} batches but depth={depth}; pass at least one batch per step"
+      )
     steps = [functools.partial(_call_with_batch, matvec, batch=bt) for bt in batch_list]
     first = steps[0]
   else:
@@ -339,10 +340,10 @@ def lissa(
   r = otu.tree_sub(b, otu.tree_add_scale(first(x), damping, x))
   bb = otu.tree_vdot(b, b)
   info = SolveInfo(
-      iterations=jnp.asarray(depth, jnp.int32),
-      residual=jnp.sqrt(otu.tree_vdot(r, r) / jnp.where(bb > 0, bb, 1.0)),
-      negative_curvature=jnp.zeros((), bool),
-      finite=_tree_isfinite(x),
+    iterations=jnp.asarray(depth, jnp.int32),
+    residual=jnp.sqrt(otu.tree_vdot(r, r) / jnp.where(bb > 0, bb, 1.0)),
+    negative_curvature=jnp.zeros((), bool),
+    finite=_tree_isfinite(x),
   )
   return x, info
 
@@ -362,11 +363,11 @@ def _tree_isfinite(tree: PyTree) -> jax.Array:
 
 
 def scores(
-    per_example_loss_fn: Callable[..., jax.Array],
-    params: PyTree,
-    s: PyTree,
-    *args,
-    **kwargs,
+  per_example_loss_fn: Callable[..., jax.Array],
+  params: PyTree,
+  s: PyTree,
+  *args,
+  **kwargs,
 ) -> jax.Array:
   """Influence of every example of a batch: I_i = -∇_θ ℓ_i(θ)ᵀ s.
 
@@ -388,8 +389,9 @@ def scores(
   out = jax.eval_shape(lambda p: per_example_loss_fn(p, *args, **kwargs), params)
   if getattr(out, "ndim", None) != 1:
     raise ValueError(
-        "per_example_loss_fn must return a 1-D vector of per-example losses [B], "
-        f"got shape {getattr(out, 'shape', type(out))}")
+      "per_example_loss_fn must return a 1-D vector of per-example losses [B], "
+      f"got shape {getattr(out, 'shape', type(out))}"
+    )
   f = lambda p: per_example_loss_fn(p, *args, **kwargs)
   return -jax.jvp(f, (params,), (s,))[1]
 
@@ -443,16 +445,16 @@ def curvature_matvec(train_loss: PerExampleLoss, params: PyTree, curvature: str 
 
 
 def inverse_hvp(
-    matvec: Matvec,
-    b: PyTree,
-    *,
-    solver: str = "cg",
-    damping: float = 0.1,
-    maxiter: int = 10,
-    tol: float = 1e-6,
-    x0: PyTree | None = None,
-    lissa_scale: float = 10.0,
-    unroll: bool | None = None,
+  matvec: Matvec,
+  b: PyTree,
+  *,
+  solver: str = "cg",
+  damping: float = 0.1,
+  maxiter: int = 10,
+  tol: float = 1e-6,
+  x0: PyTree | None = None,
+  lissa_scale: float = 10.0,
+  unroll: bool | None = None,
 ) -> tuple[PyTree, SolveInfo]:
   """Applies (C + λI)⁻¹ to b with the named solver.
 
@@ -479,18 +481,18 @@ def inverse_hvp(
 
 
 def batch_influence(
-    params: PyTree,
-    train_loss: PerExampleLoss,
-    val_loss_fn: Callable[[PyTree], jax.Array],
-    *,
-    curvature: str = "ggn",
-    solver: str = "cg",
-    damping: float = 0.1,
-    maxiter: int = 10,
-    tol: float = 1e-6,
-    x0: PyTree | None = None,
-    lissa_scale: float = 10.0,
-    unroll: bool | None = None,
+  params: PyTree,
+  train_loss: PerExampleLoss,
+  val_loss_fn: Callable[[PyTree], jax.Array],
+  *,
+  curvature: str = "ggn",
+  solver: str = "cg",
+  damping: float = 0.1,
+  maxiter: int = 10,
+  tol: float = 1e-6,
+  x0: PyTree | None = None,
+  lissa_scale: float = 10.0,
+  unroll: bool | None = None,
 ) -> Influence:
   """METHOD.md section 1 for one batch: I = -∇ℓ_Bᵀ (C + λI)⁻¹ ∇L_V.
 
@@ -512,9 +514,20 @@ def batch_influence(
   _checks.check_choice(solver, "solver", SOLVERS)
   _checks.check_scalar_fn(val_loss_fn, "val_loss_fn", params)
   g_v = jax.grad(val_loss_fn)(params)
-  matvec = (lambda v: v) if solver == "identity" else curvature_matvec(train_loss, params, curvature)
-  s, info = inverse_hvp(matvec, g_v, solver=solver, damping=damping, maxiter=maxiter, tol=tol,
-                        x0=x0, lissa_scale=lissa_scale, unroll=unroll)
+  matvec = (
+    (lambda v: v) if solver == "identity" else curvature_matvec(train_loss, params, curvature)
+  )
+  s, info = inverse_hvp(
+    matvec,
+    g_v,
+    solver=solver,
+    damping=damping,
+    maxiter=maxiter,
+    tol=tol,
+    x0=x0,
+    lissa_scale=lissa_scale,
+    unroll=unroll,
+  )
   return Influence(scores(lambda p: train_loss(p), params, s), s, g_v, info)
 
 

@@ -37,6 +37,7 @@ class MetricsWriter:
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter  # imported lazily: it pulls protobuf
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, record: dict) -> None:
@@ -84,6 +85,7 @@ class Progress:
     self._first, self._t_first = None, None
     if mode == "bar":
       from tqdm.auto import tqdm
+
       self._bar = tqdm(total=total, initial=start, desc=phase, unit="step", dynamic_ncols=True)
 
   def update(self, step: int, info: dict | None = None) -> None:
@@ -101,9 +103,16 @@ class Progress:
     elif self.mode == "log" and (step % self.every == 0 or step == self.total):
       rate = self._rate()
       eta = (self.total - step) / rate if rate > 0 else float("nan")
-      log.info("%s %d/%d (%.0f%%) %.2f steps/s ETA %s %s", self.phase, step, self.total,
-               100.0 * step / max(self.total, 1), rate,
-               _fmt_duration(eta) if math.isfinite(eta) else "?", text)
+      log.info(
+        "%s %d/%d (%.0f%%) %.2f steps/s ETA %s %s",
+        self.phase,
+        step,
+        self.total,
+        100.0 * step / max(self.total, 1),
+        rate,
+        _fmt_duration(eta) if math.isfinite(eta) else "?",
+        text,
+      )
 
   def close(self) -> float:
     """Ends the bar; returns steps per second after the first (compiling) step."""
@@ -127,4 +136,5 @@ def setup_logging() -> None:
   log.propagate = False
   # Orbax logs every checkpoint write at INFO through absl; keep the console for progress.
   from absl import logging as absl_logging
+
   absl_logging.set_verbosity(absl_logging.WARNING)

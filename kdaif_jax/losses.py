@@ -32,8 +32,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
 
 
-def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
-                  temperature: float = 1.0) -> jax.Array:
+def kl_divergence(
+  teacher_logits: jax.Array, student_logits: jax.Array, temperature: float = 1.0
+) -> jax.Array:
   """KL(softmax(T/τ) ‖ softmax(S/τ)) per example (no τ² factor).
 
   Args:
@@ -49,9 +50,15 @@ def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
   return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
 
 
-def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array | None = None,
-            *, temperature: float = 4.0, alpha: float = 0.5,
-            labelled: jax.Array | None = None) -> jax.Array:
+def kd_loss(
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  labels: jax.Array | None = None,
+  *,
+  temperature: float = 4.0,
+  alpha: float = 0.5,
+  labelled: jax.Array | None = None,
+) -> jax.Array:
   """Hinton et al. (2015) distillation loss per example.
 
   ℓ_i = α·CE(y_i, S) + (1−α)·τ²·KL(softmax(T/τ) ‖ softmax(S/τ)); the τ² keeps
@@ -69,7 +76,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Ar
   Returns:
     [B] losses.
   """
-  soft = temperature ** 2 * kl_divergence(teacher_logits, student_logits, temperature)
+  soft = temperature**2 * kl_divergence(teacher_logits, student_logits, temperature)
   if labels is None:
     return soft
   if labelled is None:

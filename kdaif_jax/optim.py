@@ -9,7 +9,9 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int) -> optax.Schedule:
+def make_schedule(
+  cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int
+) -> optax.Schedule:
   """Learning-rate schedule: linear warm-up then constant, cosine or step decay.
 
   Args:
@@ -34,8 +36,9 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: 
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
-                   epochs: int) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, steps_per_epoch: int, epochs: int
+) -> optax.GradientTransformation:
   """SGD (momentum, Nesterov) or Adam(W) with L2 weight decay and a schedule.
 
   Args:
@@ -49,8 +52,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
   lr = make_schedule(cfg, steps_per_epoch, epochs)
   if cfg.name == "sgd":
     # Coupled L2 decay as in the distillation papers' PyTorch SGD.
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
-                       optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+    return optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+    )
   if cfg.name == "adam":
     return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
   return optax.adamw(lr, weight_decay=cfg.weight_decay)
@@ -58,6 +63,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int,
 
 def default_optimizer_config(lr: float = 0.05) -> ml_collections.ConfigDict:
   """SGD 0.9 Nesterov, weight decay 5e-4, cosine schedule, no warm-up."""
-  return ml_collections.ConfigDict(dict(
-      name="sgd", lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine",
-      decay_epochs=(), decay_factor=0.1, warmup_epochs=0.0))
+  return ml_collections.ConfigDict(
+    dict(
+      name="sgd",
+      lr=lr,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+      schedule="cosine",
+      decay_epochs=(),
+      decay_factor=0.1,
+      warmup_epochs=0.0,
+    )
+  )

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = "data"
 
@@ -43,8 +44,10 @@ def check_batch_size(batch_size: int, mesh: jax.sharding.Mesh, name: str = "batc
   """Raises ValueError unless ``batch_size`` splits evenly over the mesh's devices."""
   n = mesh.shape[AXIS]
   if batch_size < n or batch_size % n:
-    raise ValueError(f"{name}={batch_size} must be a positive multiple of the device count ({n}); "
-                     f"try {max(n, batch_size // n * n)}")
+    raise ValueError(
+      f"{name}={batch_size} must be a positive multiple of the device count ({n}); "
+      f"try {max(n, batch_size // n * n)}"
+    )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

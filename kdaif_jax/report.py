@@ -161,8 +161,7 @@ class _Files:
     self.dir, self.label, self.missing = workdir, label, missing
 
   def note(self, name: str, problem: str, disabled: str) -> None:
-    self.missing.append({"file": f"{self.label}/{name}", "problem": problem,
-                         "disabled": disabled})
+    self.missing.append({"file": f"{self.label}/{name}", "problem": problem, "disabled": disabled})
 
   def _path(self, name: str, disabled: str) -> str | None:
     path = os.path.join(self.dir, name)
@@ -200,8 +199,7 @@ class _Files:
     try:
       with open(path, encoding="utf-8", errors="replace", newline="") as f:
         reader = csv.DictReader(f)
-        names = [c for c in (reader.fieldnames or []) if c in (*_WEIGHT_COLUMNS,
-                                                               "final_influence")]
+        names = [c for c in (reader.fieldnames or []) if c in (*_WEIGHT_COLUMNS, "final_influence")]
         if not set(_WEIGHT_COLUMNS) <= set(names):
           raise ValueError(f"columns {reader.fieldnames}, need {', '.join(_WEIGHT_COLUMNS)}")
         for row in reader:
@@ -293,9 +291,14 @@ def _restore_net(workdir: str, phase: str, net: str) -> tuple[Any, Any, int]:
   from absl import logging as absl_logging
 
   folder = os.path.join(workdir, "checkpoints", phase)
-  steps = sorted((int(d) for d in os.listdir(folder)
-                  if d.isdigit() and os.path.isdir(os.path.join(folder, d, "state"))),
-                 reverse=True)
+  steps = sorted(
+    (
+      int(d)
+      for d in os.listdir(folder)
+      if d.isdigit() and os.path.isdir(os.path.join(folder, d, "state"))
+    ),
+    reverse=True,
+  )
   if not steps:
     raise FileNotFoundError(f"no complete checkpoint in checkpoints/{phase}")
   verbosity = absl_logging.get_verbosity()
@@ -376,27 +379,45 @@ def _overview(c: _Ctx) -> None:
   s = c.summary or {}
   dataset = s.get("dataset") or c.cfg("data.name", "?")
   mech = s.get("mechanism") or c.cfg("kdaif.mechanism", "?")
-  rate, kind = s.get("noise_rate", c.cfg("data.noise.rate")), s.get("noise_kind",
-                                                                    c.cfg("data.noise.kind"))
+  rate, kind = (
+    s.get("noise_rate", c.cfg("data.noise.rate")),
+    s.get("noise_kind", c.cfg("data.noise.kind")),
+  )
   arch = {n: c.net(n, "architecture") or c.cfg(f"{n}.model", "?") for n in ("teacher", "student")}
   noise = f"{_pct(_num(rate))} {kind} label noise" if _num(rate) > 0 else "no label noise"
-  c.add("h", 1, f"SAFE report: {dataset}, {arch['teacher']} → {arch['student']}, "
-        f"mechanism `{mech}`")
-  c.add("p", f"Workdir `{c.workdir}`; {noise}; {s.get('num_train', '?')} training examples; "
-        f"backend {s.get('backend', '?')} x{s.get('device_count', '?')}, jax "
-        f"{s.get('jax_version', '?')}. Baseline: "
-        + (f"`{c.baseline}`." if c.baseline else "none given.")
-        + f" Written {datetime.datetime.now():%Y-%m-%d %H:%M}.")
+  c.add(
+    "h", 1, f"SAFE report: {dataset}, {arch['teacher']} → {arch['student']}, mechanism `{mech}`"
+  )
+  c.add(
+    "p",
+    f"Workdir `{c.workdir}`; {noise}; {s.get('num_train', '?')} training examples; "
+    f"backend {s.get('backend', '?')} x{s.get('device_count', '?')}, jax "
+    f"{s.get('jax_version', '?')}. Baseline: "
+    + (f"`{c.baseline}`." if c.baseline else "none given.")
+    + f" Written {datetime.datetime.now():%Y-%m-%d %H:%M}.",
+  )
   rows = []
   for net in ("teacher", "student"):
-    rows.append([net if net == "teacher" else f"student ({mech})", arch[net],
-                 _count(c.net(net, "parameters")), _pct(c.net(net, "val_accuracy")),
-                 _pct(c.net(net, "test_accuracy"))])
+    rows.append(
+      [
+        net if net == "teacher" else f"student ({mech})",
+        arch[net],
+        _count(c.net(net, "parameters")),
+        _pct(c.net(net, "val_accuracy")),
+        _pct(c.net(net, "test_accuracy")),
+      ]
+    )
   b = (c.base_summary or {}).get("student") or {}
   if b:
-    rows.append([f"baseline student ({c.base_summary.get('mechanism', '?')})",
-                 b.get("architecture", "?"), _count(b.get("parameters")),
-                 _pct(b.get("val_accuracy")), _pct(b.get("test_accuracy"))])
+    rows.append(
+      [
+        f"baseline student ({c.base_summary.get('mechanism', '?')})",
+        b.get("architecture", "?"),
+        _count(b.get("parameters")),
+        _pct(b.get("val_accuracy")),
+        _pct(b.get("test_accuracy")),
+      ]
+    )
     d = _num(c.net("student", "test_accuracy")) - _num(b.get("test_accuracy"))
     c.numbers["student_test_gain_vs_baseline"] = d
     rows.append(["difference (points)", "", "", "", _f(100 * d, "+.2f")])
@@ -411,28 +432,37 @@ def _accuracy(c: _Ctx) -> None:
   mech = c.cfg("kdaif.mechanism") or (c.summary or {}).get("mechanism", "run")
   t_epochs = max(plots.series(c.records, "eval", "teacher", "teacher", "val")[0] or [0])
   lines = plots.curve_lines
-  rows = {"teacher": lines(c.records, "teacher", "teacher", "teacher", "tab:blue")
-          + lines(c.records, "student", "teacher", "teacher (joint updates)", "tab:purple",
-                  offset=t_epochs),
-          "student": lines(c.records, "student", "student", f"student ({mech})", "tab:blue")
-          + lines(c.records, "proxy", "student", "proxy (plain KD)", "tab:gray", splits=("val",))}
+  rows = {
+    "teacher": lines(c.records, "teacher", "teacher", "teacher", "tab:blue")
+    + lines(
+      c.records, "student", "teacher", "teacher (joint updates)", "tab:purple", offset=t_epochs
+    ),
+    "student": lines(c.records, "student", "student", f"student ({mech})", "tab:blue")
+    + lines(c.records, "proxy", "student", "proxy (plain KD)", "tab:gray", splits=("val",)),
+  }
   if c.base_records:
-    bm = (c.base_summary or {}).get("mechanism") or (c.base_config or {}).get(
-        "kdaif", {}).get("mechanism", "?")
-    rows["student"] += lines(c.base_records, "student", "student", f"baseline ({bm})",
-                             "tab:orange")
+    bm = (c.base_summary or {}).get("mechanism") or (c.base_config or {}).get("kdaif", {}).get(
+      "mechanism", "?"
+    )
+    rows["student"] += lines(c.base_records, "student", "student", f"baseline ({bm})", "tab:orange")
   c.figure("training_curves.png", plots.training_curves, rows, alt="training curves")
-  c.add("p", "Eval lines: clean validation/test labels, after each epoch. Train lines: the "
-        "epoch's mean of the logged step objective (weighted KD loss for the student, on the "
-        "possibly noisy labels).")
+  c.add(
+    "p",
+    "Eval lines: clean validation/test labels, after each epoch. Train lines: the "
+    "epoch's mean of the logged step objective (weighted KD loss for the student, on the "
+    "possibly noisy labels).",
+  )
 
 
 def _explainability(c: _Ctx) -> None:
   c.add("h", 2, "Explainability: weights, flipped labels, influential examples")
   w = c.weights
   if w is None:
-    c.add("p", "No weights, detection or example pictures: weights.csv is missing or "
-          "unreadable (see Missing).")
+    c.add(
+      "p",
+      "No weights, detection or example pictures: weights.csv is missing or "
+      "unreadable (see Missing).",
+    )
     return
   noisy, weight = w["noisy"], w["weight"]
   fi = w.get("final_influence")
@@ -447,12 +477,14 @@ def _explainability(c: _Ctx) -> None:
   roc = None
   if 0 < k < len(noisy) and signals:
     from sklearn.metrics import roc_curve
+
     roc = {}
     for name, score in signals.items():
       fpr, tpr, _ = roc_curve(noisy, score)
       roc[name.split(" (")[0]] = (fpr, tpr, det[name]["auroc"])
-  c.figure("weights.png", plots.weights_and_detection, weight, fi, noisy, roc,
-           alt="weight distribution")
+  c.figure(
+    "weights.png", plots.weights_and_detection, weight, fi, noisy, roc, alt="weight distribution"
+  )
   c.numbers["detection"] = det
   if k == 0:
     c.add("p", "No label was flipped in this run, so there is no noise to detect.")
@@ -460,16 +492,28 @@ def _explainability(c: _Ctx) -> None:
     rows = [[n, _f(d["auroc"]), _f(d["precision_at_k"])] for n, d in det.items()]
     sd = (c.summary or {}).get("noise_detection")
     if sd:
-      rows.append(["summary.json `noise_detection` (as written by the trainer)",
-                   _f(sd.get("auroc")), _f(sd.get("precision_at_k"))])
-    c.add("p", f"{k} of {len(noisy)} training labels were flipped. How well each signal ranks "
-          f"them first (AUROC: chance 0.5; precision at k = {k}: chance {k / len(noisy):.3f}):")
+      rows.append(
+        [
+          "summary.json `noise_detection` (as written by the trainer)",
+          _f(sd.get("auroc")),
+          _f(sd.get("precision_at_k")),
+        ]
+      )
+    c.add(
+      "p",
+      f"{k} of {len(noisy)} training labels were flipped. How well each signal ranks "
+      f"them first (AUROC: chance 0.5; precision at k = {k}: chance {k / len(noisy):.3f}):",
+    )
     c.add("table", ["signal", "AUROC", f"precision@{k}"], rows)
-    c.add("p", f"Mean weight: clean {_f(weight[~noisy].mean())}, flipped "
-          f"{_f(weight[noisy].mean())}; weight < 0.5: {_pct((weight[~noisy] < 0.5).mean())} of "
-          f"clean, {_pct((weight[noisy] < 0.5).mean())} of flipped."
-          + (" Every weight is equal (plain KD), so weights rank nothing." if np.ptp(weight) == 0
-             else ""))
+    c.add(
+      "p",
+      f"Mean weight: clean {_f(weight[~noisy].mean())}, flipped "
+      f"{_f(weight[noisy].mean())}; weight < 0.5: {_pct((weight[~noisy] < 0.5).mean())} of "
+      f"clean, {_pct((weight[noisy] < 0.5).mean())} of flipped."
+      + (
+        " Every weight is equal (plain KD), so weights rank nothing." if np.ptp(weight) == 0 else ""
+      ),
+    )
   _grids(c, fi)
 
 
@@ -481,6 +525,7 @@ def _load_dataset(c: _Ctx):
     import ml_collections
 
     from kdaif_jax import data
+
     ds = data.load(ml_collections.ConfigDict(c.config["data"]))
   except Exception as err:  # noqa: BLE001 - e.g. CIFAR not prepared on this machine
     return None, f"the dataset could not be loaded here ({type(err).__name__}: {err})"
@@ -500,6 +545,7 @@ def _teacher_predictions(c: _Ctx, ds, images: np.ndarray):
     try:
       params, state, step = _restore_net(c.workdir, phase, net)
       from kdaif_jax import data
+
       model = models.create(c.cfg(f"{net}.model"), ds.num_classes)
       logits, _ = model.apply(params, state, data.normalize(images, ds.mean, ds.std), False)
       return np.asarray(logits).argmax(-1), f"checkpoints/{phase} step {step}"
@@ -516,20 +562,34 @@ def _grids(c: _Ctx, fi) -> None:
   picks = {"helpful": order[:_GRID], "harmful": order[::-1][:_GRID]}
   rate = w["noisy"].mean()
   c.add("h", 3, "Most helpful and most harmful training examples")
-  c.add("p", f"Ranked by `{name}` (I_i = -grad l_i^T (C + lambda I)^-1 grad L_V: negative = "
-        "up-weighting the example lowers the validation loss). Flipped: "
-        + ", ".join(f"{int(w['noisy'][i].sum())} of the {len(i)} most {k}"
-                    for k, i in picks.items()) + f" ({_pct(rate)} of all).")
+  c.add(
+    "p",
+    f"Ranked by `{name}` (I_i = -grad l_i^T (C + lambda I)^-1 grad L_V: negative = "
+    "up-weighting the example lowers the validation loss). Flipped: "
+    + ", ".join(f"{int(w['noisy'][i].sum())} of the {len(i)} most {k}" for k, i in picks.items())
+    + f" ({_pct(rate)} of all).",
+  )
   ds, why = _load_dataset(c)
   pos = {} if ds is None else {int(v): j for j, v in enumerate(ds.train.ids)}
-  if ds is not None and any(int(w["id"][i]) not in pos for i in np.concatenate(list(
-      picks.values()))):
+  if ds is not None and any(
+    int(w["id"][i]) not in pos for i in np.concatenate(list(picks.values()))
+  ):
     ds, why = None, "some example ids are not in the reloaded dataset"
   if ds is None:
     c.add("p", f"No pictures: {why}.")
     c.files.note("(dataset)", why, "example pictures")
-    rows = [[k, int(w["id"][i]), int(w["label"][i]), int(w["clean_label"][i]),
-             _f(w["weight"][i]), _f(score[i], ".3g")] for k, idx in picks.items() for i in idx]
+    rows = [
+      [
+        k,
+        int(w["id"][i]),
+        int(w["label"][i]),
+        int(w["clean_label"][i]),
+        _f(w["weight"][i]),
+        _f(score[i], ".3g"),
+      ]
+      for k, idx in picks.items()
+      for i in idx
+    ]
     c.add("table", ["group", "id", "label", "clean label", "weight", name], rows)
     return
   sel = np.concatenate(list(picks.values()))
@@ -540,29 +600,49 @@ def _grids(c: _Ctx, fi) -> None:
   for kind, idx in picks.items():
     caps = []
     for j, i in enumerate(idx, start):
-      lab = names[int(w["label"][i])] + (f" (true {names[int(w['clean_label'][i])]})"
-                                         if w["noisy"][i] else "")
+      lab = names[int(w["label"][i])] + (
+        f" (true {names[int(w['clean_label'][i])]})" if w["noisy"][i] else ""
+      )
       t = "" if preds is None else f"T:{names[int(preds[j])]} "
       caps.append(f"#{int(w['id'][i])} y:{lab}\n{t}w:{w['weight'][i]:.2f} I:{score[i]:+.2g}")
-    c.figure(f"most_{kind}.png", plots.example_grid, f"most {kind} ({name}); red = flipped label",
-             images[start:start + len(idx)], caps, w["noisy"][idx], alt=f"most {kind}")
+    c.figure(
+      f"most_{kind}.png",
+      plots.example_grid,
+      f"most {kind} ({name}); red = flipped label",
+      images[start : start + len(idx)],
+      caps,
+      w["noisy"][idx],
+      alt=f"most {kind}",
+    )
     start += len(idx)
-  c.add("p", "Captions: id, given label y (true label if flipped), T: teacher prediction, "
-        "w: training weight, I: influence. "
-        + (f"Teacher from {source}." if preds is not None
-           else "No teacher predictions: no readable teacher checkpoint (see Missing)."))
+  c.add(
+    "p",
+    "Captions: id, given label y (true label if flipped), T: teacher prediction, "
+    "w: training weight, I: influence. "
+    + (
+      f"Teacher from {source}."
+      if preds is not None
+      else "No teacher predictions: no readable teacher checkpoint (see Missing)."
+    ),
+  )
 
 
 def _fairness(c: _Ctx) -> None:
   c.add("h", 2, "Fairness: per-class accuracy and calibration")
   p = c.preds
   if p is None:
-    c.add("p", "No per-class accuracy or calibration: predictions.npz is missing or "
-          "unreadable (see Missing).")
+    c.add(
+      "p",
+      "No per-class accuracy or calibration: predictions.npz is missing or "
+      "unreadable (see Missing).",
+    )
     return
   k = p["teacher_logits"].shape[1]
-  names = list(c.dataset.class_names) if c.dataset is not None and len(
-      c.dataset.class_names) == k else [str(i) for i in range(k)]
+  names = (
+    list(c.dataset.class_names)
+    if c.dataset is not None and len(c.dataset.class_names) == k
+    else [str(i) for i in range(k)]
+  )
   rows, curves = [], {}
   acc = {}
   for net in ("teacher", "student"):
@@ -575,15 +655,31 @@ def _fairness(c: _Ctx) -> None:
       curves[net] = (count, conf_sum / count, acc_sum / count, ece)
     worst, best = int(np.nanargmin(a)), int(np.nanargmax(a))
     c.numbers[f"{net}_ece"], c.numbers[f"{net}_class_gap"] = ece, a[best] - a[worst]
-    rows.append([net, _pct(float((logits.argmax(-1) == p["labels"]).mean())),
-                 f"{names[worst]} ({_pct(a[worst])})", f"{names[best]} ({_pct(a[best])})",
-                 _f(100 * (a[best] - a[worst]), ".1f"), _f(ece, ".4f")])
-  c.add("p", f"Test set, {len(p['labels'])} examples, {k} classes. Gap = best minus worst class "
-        "accuracy, in points. ECE: expected calibration error, 15 equal-width confidence bins "
-        "(0 = calibrated).")
+    rows.append(
+      [
+        net,
+        _pct(float((logits.argmax(-1) == p["labels"]).mean())),
+        f"{names[worst]} ({_pct(a[worst])})",
+        f"{names[best]} ({_pct(a[best])})",
+        _f(100 * (a[best] - a[worst]), ".1f"),
+        _f(ece, ".4f"),
+      ]
+    )
+  c.add(
+    "p",
+    f"Test set, {len(p['labels'])} examples, {k} classes. Gap = best minus worst class "
+    "accuracy, in points. ECE: expected calibration error, 15 equal-width confidence bins "
+    "(0 = calibrated).",
+  )
   c.add("table", ["network", "accuracy", "worst class", "best class", "gap", "ECE"], rows)
-  c.figure("per_class_accuracy.png", plots.per_class, acc["teacher"], acc["student"], names,
-           alt="per-class accuracy")
+  c.figure(
+    "per_class_accuracy.png",
+    plots.per_class,
+    acc["teacher"],
+    acc["student"],
+    names,
+    alt="per-class accuracy",
+  )
   c.figure("reliability.png", plots.reliability, curves, alt="reliability diagrams")
 
 
@@ -593,9 +689,11 @@ def _flops_of(c: _Ctx) -> dict:
   k = None if c.preds is None else c.preds["teacher_logits"].shape[1]
   if k is None and c.config is not None:
     from kdaif_jax.data import sources
+
     name = c.cfg("data.name")
     k = {"digits": sources.DIGITS_CLASSES, "synthetic": c.cfg("data.synthetic.num_classes")}.get(
-        name, sources.TFDS_DATASETS.get(name, (None,))[0])
+      name, sources.TFDS_DATASETS.get(name, (None,))[0]
+    )
   out = {}
   for net in ("teacher", "student"):
     arch = c.cfg(f"{net}.model") or c.net(net, "architecture")
@@ -603,13 +701,15 @@ def _flops_of(c: _Ctx) -> dict:
       if shape is None or k is None or arch is None:
         raise ValueError("input shape, classes or architecture unknown (config.json)")
       model = models.create(arch, int(k))
-      params, _ = jax.eval_shape(model.init, jax.random.key(0),
-                                 jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+      params, _ = jax.eval_shape(
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+      )
       out[net] = (forward_flops(model, (1, *shape)), models.param_count(params))
     except Exception as err:  # noqa: BLE001 - e.g. an architecture this version lacks
       out[net] = (None, None)
-      c.files.note("config.json", f"FLOPs of the {net}: {type(err).__name__}: {err}",
-                   f"{net} FLOPs")
+      c.files.note(
+        "config.json", f"FLOPs of the {net}: {type(err).__name__}: {err}", f"{net} FLOPs"
+      )
   return out
 
 
@@ -634,29 +734,43 @@ def _influence_share(c: _Ctx) -> str:
     # static scores between the proxy and student phases; periodic inside the student phase.
     total = _num(wall.get("student")) + proxy + (secs if mech == "static" else 0.0)
     c.numbers["influence_share"] = secs / total
-    return (f"Share of time on influence: {_pct(secs / total)}, measured: the whole-set "
-            f"scorings took {secs:.1f} s (metrics.jsonl scoring lines) of {total:.1f} s of "
-            "student-side training" + (" (proxy + scoring + student). With the proxy student "
-                                       f"it needs, `static` spends {_pct((secs + proxy) / total)}"
-                                       " of that time beyond training the final student."
-                                       if mech == "static" else " (scorings included)."))
+    return (
+      f"Share of time on influence: {_pct(secs / total)}, measured: the whole-set "
+      f"scorings took {secs:.1f} s (metrics.jsonl scoring lines) of {total:.1f} s of "
+      "student-side training"
+      + (
+        " (proxy + scoring + student). With the proxy student "
+        f"it needs, `static` spends {_pct((secs + proxy) / total)}"
+        " of that time beyond training the final student."
+        if mech == "static"
+        else " (scorings included)."
+      )
+    )
   b = c.base_summary or {}
-  rate, rate_plain = _num((s.get("steps_per_second") or {}).get("student")), _num(
-      (b.get("steps_per_second") or {}).get("student"))
-  same = (b.get("mechanism") == "none" and all(
-      b.get(key) == s.get(key) for key in ("backend", "device_count"))
-      and (b.get("student") or {}).get("architecture") == c.net("student", "architecture")
-      and (c.base_config or {}).get("batch_size") == c.cfg("batch_size"))
+  rate, rate_plain = (
+    _num((s.get("steps_per_second") or {}).get("student")),
+    _num((b.get("steps_per_second") or {}).get("student")),
+  )
+  same = (
+    b.get("mechanism") == "none"
+    and all(b.get(key) == s.get(key) for key in ("backend", "device_count"))
+    and (b.get("student") or {}).get("architecture") == c.net("student", "architecture")
+    and (c.base_config or {}).get("batch_size") == c.cfg("batch_size")
+  )
   if not b or not same or not rate > 0 or not rate_plain > 0:
-    return ("Share of time on influence: unknown. It runs inside every step; estimating it "
-            "needs a plain-KD baseline workdir with the same student, batch size and hardware "
-            "(`--baseline`).")
+    return (
+      "Share of time on influence: unknown. It runs inside every step; estimating it "
+      "needs a plain-KD baseline workdir with the same student, batch size and hardware "
+      "(`--baseline`)."
+    )
   share = 1 - rate / rate_plain
   c.numbers["influence_share"] = share
-  return (f"Share of time on influence: about {_pct(share)}, estimated as 1 - rate/rate_plain "
-          f"from the student steps/s ({rate:.3g} here vs {rate_plain:.3g} for plain KD in the "
-          "baseline); both runs' other loads on the machine enter this estimate."
-          + (" Negative: the difference is within timing noise." if share < 0 else ""))
+  return (
+    f"Share of time on influence: about {_pct(share)}, estimated as 1 - rate/rate_plain "
+    f"from the student steps/s ({rate:.3g} here vs {rate_plain:.3g} for plain KD in the "
+    "baseline); both runs' other loads on the machine enter this estimate."
+    + (" Negative: the difference is within timing noise." if share < 0 else "")
+  )
 
 
 def _sustainability(c: _Ctx) -> None:
@@ -664,29 +778,50 @@ def _sustainability(c: _Ctx) -> None:
   cost = _flops_of(c)
   par = {n: c.net(n, "parameters") or cost[n][1] for n in ("teacher", "student")}
   fl = {n: cost[n][0] for n in ("teacher", "student")}
-  ratio = lambda d: (_f(d["teacher"] / d["student"], ".2f") + "x") if d["teacher"] and d[
-      "student"] else "n/a"
-  c.numbers.update(compression_ratio=par["teacher"] / par["student"] if par["teacher"] and par[
-      "student"] else None, flops=fl)
-  c.add("table", ["", "teacher", "student", "compression (teacher / student)"],
-        [["parameters", _count(par["teacher"]), _count(par["student"]), ratio(par)],
-         ["FLOPs per example (forward)", _si(fl["teacher"]), _si(fl["student"]), ratio(fl)]])
-  c.add("p", "FLOPs: XLA's cost analysis of the compiled inference forward pass of one example "
-        "(2 per multiply-add; elementwise ops 1 each).")
+  ratio = lambda d: (
+    (_f(d["teacher"] / d["student"], ".2f") + "x") if d["teacher"] and d["student"] else "n/a"
+  )
+  c.numbers.update(
+    compression_ratio=par["teacher"] / par["student"]
+    if par["teacher"] and par["student"]
+    else None,
+    flops=fl,
+  )
+  c.add(
+    "table",
+    ["", "teacher", "student", "compression (teacher / student)"],
+    [
+      ["parameters", _count(par["teacher"]), _count(par["student"]), ratio(par)],
+      ["FLOPs per example (forward)", _si(fl["teacher"]), _si(fl["student"]), ratio(fl)],
+    ],
+  )
+  c.add(
+    "p",
+    "FLOPs: XLA's cost analysis of the compiled inference forward pass of one example "
+    "(2 per multiply-add; elementwise ops 1 each).",
+  )
   s = c.summary or {}
   wall, rates = s.get("wall_time_s") or {}, s.get("steps_per_second") or {}
   if wall:
     known = ("teacher", "proxy", "student", "final", "total_this_invocation")
     phases = [k for k in known if k in wall] + [k for k in wall if k not in known]
-    rows = [[k, _f(_num(wall[k]), ".1f"), _f(_num(rates.get(k)), ".2f") if k in rates else ""]
-            for k in phases]
+    rows = [
+      [k, _f(_num(wall[k]), ".1f"), _f(_num(rates.get(k)), ".2f") if k in rates else ""]
+      for k in phases
+    ]
     c.add("table", ["phase", "wall time (s)", "steps/s"], rows)
-    c.add("p", "Wall time of the last invocation for `total_this_invocation`; phases resumed "
-          "from a checkpoint include the time before the restart. `final`: evaluation plus the "
-          "whole-set influence written to weights.csv. Steps/s exclude the first (compiling) "
-          "step.")
-  cg = [r for r in c.records if r.get("kind") == "train" and r.get("phase") == "student"
-        and "cg_iterations" in r]
+    c.add(
+      "p",
+      "Wall time of the last invocation for `total_this_invocation`; phases resumed "
+      "from a checkpoint include the time before the restart. `final`: evaluation plus the "
+      "whole-set influence written to weights.csv. Steps/s exclude the first (compiling) "
+      "step.",
+    )
+  cg = [
+    r
+    for r in c.records
+    if r.get("kind") == "train" and r.get("phase") == "student" and "cg_iterations" in r
+  ]
   if cg:
     its = np.nanmean([_num(r["cg_iterations"]) for r in cg])
     res = np.nanmedian([_num(r.get("cg_residual")) for r in cg])
@@ -699,8 +834,11 @@ def _missing(c: _Ctx) -> None:
   if not c.missing:
     c.add("p", "Nothing: every file was found and read.")
     return
-  c.add("table", ["file", "problem", "disabled"],
-        [[m["file"], m["problem"], m["disabled"]] for m in c.missing])
+  c.add(
+    "table",
+    ["file", "problem", "disabled"],
+    [[m["file"], m["problem"], m["disabled"]] for m in c.missing],
+  )
 
 
 # --------------------------------------------------------------------------
@@ -735,8 +873,11 @@ def write_report(workdir: str, baseline: str | None = None, out_dir: str | None 
       section(c)
     except Exception as err:  # noqa: BLE001 - one broken section must not cost the rest
       c.add("p", f"This section failed: {type(err).__name__}: {err}")
-      c.files.note("(report)", f"{section.__name__[1:]} failed: {type(err).__name__}: {err}",
-                   f"the {section.__name__[1:]} section")
+      c.files.note(
+        "(report)",
+        f"{section.__name__[1:]} failed: {type(err).__name__}: {err}",
+        f"the {section.__name__[1:]} section",
+      )
   _missing(c)
   md = os.path.join(out_dir, "report.md")
   with open(md, "w", encoding="utf-8") as f:
@@ -744,13 +885,20 @@ def write_report(workdir: str, baseline: str | None = None, out_dir: str | None 
   page = os.path.join(out_dir, "report.html")
   with open(page, "w", encoding="utf-8") as f:
     f.write(plots.render_html(c.blocks, out_dir, f"SAFE report: {workdir}"))
-  return {"report_md": md, "report_html": page, "figures": c.figures, "missing": c.missing,
-          "numbers": c.numbers}
+  return {
+    "report_md": md,
+    "report_html": page,
+    "figures": c.figures,
+    "missing": c.missing,
+    "numbers": c.numbers,
+  }
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m kdaif_jax.report", description=(
-      "Write the SAFE report (report.md, report.html, PNGs) of a kdaif_jax workdir."))
+  parser = argparse.ArgumentParser(
+    prog="python -m kdaif_jax.report",
+    description=("Write the SAFE report (report.md, report.html, PNGs) of a kdaif_jax workdir."),
+  )
   parser.add_argument("workdir")
   parser.add_argument("--baseline", help="a plain-KD workdir to compare with")
   parser.add_argument("--out", help="output folder (default WORKDIR/report)")

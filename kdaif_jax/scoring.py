@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdaif_jax import config as config_lib, influence, losses, parallel
+from kdaif_jax import config as config_lib
+from kdaif_jax import influence, losses, parallel
 from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.step import TrainState, device_local
 
@@ -24,9 +25,11 @@ def _per_example(student, stu, teacher, tea, prepare, kd, images, labels):
   x = prepare(None, images)
   t_logits = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, x, False)[0])
   return influence.PerExampleLoss(
-      outputs_fn=lambda p: student.apply(p, stu.model_state, x, False)[0],
-      loss_fn=lambda out: losses.kd_loss(out, t_logits, labels, temperature=kd.temperature,
-                                         alpha=kd.alpha))
+    outputs_fn=lambda p: student.apply(p, stu.model_state, x, False)[0],
+    loss_fn=lambda out: losses.kd_loss(
+      out, t_logits, labels, temperature=kd.temperature, alpha=kd.alpha
+    ),
+  )
 
 
 _CG_CHUNK = 10
@@ -52,8 +55,9 @@ def make_whole_set_scorer(student, teacher, prepare: Callable, cfg, mesh) -> Cal
 
   def solve(state: TrainState, curv: dict, val: dict, x0):
     stu, tea = state.student, state.teacher
-    train_loss = _per_example(student, stu, teacher, tea, prepare, kd, curv["images"],
-                              curv["labels"])
+    train_loss = _per_example(
+      student, stu, teacher, tea, prepare, kd, curv["images"], curv["labels"]
+    )
     xv = prepare(None, val["images"])
 
     def val_loss(p):
@@ -65,18 +69,29 @@ def make_whole_set_scorer(student, teacher, prepare: Callable, cfg, mesh) -> Cal
     if k.solver == "identity":
       return influence.inverse_hvp(lambda v: v, g_v, solver="identity")
     local = influence.curvature_matvec(train_loss, params, k.curvature)
-    return influence.inverse_hvp(lambda v: jax.lax.pmean(local(device_local(v, axis)), axis),
-                                 g_v, solver=k.solver,
-                                 damping=k.damping, maxiter=chunk_iters, tol=k.cg_tol, x0=x0,
-                                 lissa_scale=k.lissa_scale, unroll=config_lib.unroll_option(k.unroll))
+    return influence.inverse_hvp(
+      lambda v: jax.lax.pmean(local(device_local(v, axis)), axis),
+      g_v,
+      solver=k.solver,
+      damping=k.damping,
+      maxiter=chunk_iters,
+      tol=k.cg_tol,
+      x0=x0,
+      lissa_scale=k.lissa_scale,
+      unroll=config_lib.unroll_option(k.unroll),
+    )
 
   def chunk(state: TrainState, s, batch: dict):
-    train_loss = _per_example(student, state.student, teacher, state.teacher, prepare, kd,
-                              batch["images"], batch["labels"])
+    train_loss = _per_example(
+      student, state.student, teacher, state.teacher, prepare, kd, batch["images"], batch["labels"]
+    )
     return influence.scores(train_loss, state.student.params, s)
 
-  solve_fn = jax.jit(parallel.shard_map(solve, mesh, (REPLICATED, BATCH, BATCH, REPLICATED),
-                                        (REPLICATED, REPLICATED)))
+  solve_fn = jax.jit(
+    parallel.shard_map(
+      solve, mesh, (REPLICATED, BATCH, BATCH, REPLICATED), (REPLICATED, REPLICATED)
+    )
+  )
   chunk_fn = jax.jit(parallel.shard_map(chunk, mesh, (REPLICATED, REPLICATED, BATCH), BATCH))
   ndev = mesh.shape[axis]
 
@@ -106,7 +121,7 @@ def make_whole_set_scorer(student, teacher, prepare: Callable, cfg, mesh) -> Cal
       batch = {"images": arrays["train_images"][ids], "labels": arrays["train_labels"][ids]}
       vals = np.asarray(chunk_fn(state, s, batch))
       stop = min(start + size, n)
-      out[start:stop] = vals[:stop - start]
+      out[start:stop] = vals[: stop - start]
     return out, jax.device_get(info)
 
   return score

@@ -24,13 +24,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdaif_jax import config as config_lib, influence, losses, weights as weights_lib
-from kdaif_jax.step import (NetState, TrainState, apply_update, device_local, feedback_weights,
-                            pmean, step_key, teacher_feedback_loss, weight_metrics)
+from kdaif_jax import influence, losses
+from kdaif_jax.step import (
+  NetState,
+  TrainState,
+  apply_update,
+  device_local,
+  feedback_weights,
+  online_influence,
+  pmean,
+  step_key,
+  teacher_feedback_loss,
+  weight_metrics,
+)
 
 
-def unlabelled_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, targets: str,
-                    temperature: float) -> jax.Array:
+def unlabelled_loss(
+  student_logits: jax.Array, teacher_logits: jax.Array, *, targets: str, temperature: float
+) -> jax.Array:
   """Per-example loss of the student on unlabelled examples, [B].
 
   Args:
@@ -47,8 +58,9 @@ def unlabelled_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, tar
   return losses.kd_loss(student_logits, teacher_logits, None, temperature=temperature)
 
 
-def uda_consistency(t_weak: jax.Array, t_strong: jax.Array, *, threshold: float,
-                    temperature: float) -> tuple[jax.Array, jax.Array]:
+def uda_consistency(
+  t_weak: jax.Array, t_strong: jax.Array, *, threshold: float, temperature: float
+) -> tuple[jax.Array, jax.Array]:
   """UDA's confidence-masked consistency (Xie et al. 2020), per example.
 
   Args:
@@ -67,10 +79,17 @@ def uda_consistency(t_weak: jax.Array, t_strong: jax.Array, *, threshold: float,
   return mask * kl, mask
 
 
-def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
-                  tx_teacher: optax.GradientTransformation | None, prepare: Callable,
-                  cfg, *, refresh: bool = True,
-                  axis_name: str | None = "data") -> Callable:
+def make_ssl_step(
+  student,
+  teacher,
+  tx_student: optax.GradientTransformation,
+  tx_teacher: optax.GradientTransformation | None,
+  prepare: Callable,
+  cfg,
+  *,
+  refresh: bool = True,
+  axis_name: str | None = "data",
+) -> Callable:
   """One semi-supervised step (student; teacher too for ``joint``).
 
   Args:
@@ -91,10 +110,9 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
   k, ssl = cfg.kdaif, cfg.ssl
   mech = k.mechanism
   online = mech in ("online", "joint")
-  wmap = weights_lib.get(k.weights)
-  wkw = {"temperature": k.weight_temperature} if k.weights == "sigmoid" else {}
-  per_ex = lambda out, t: unlabelled_loss(out, t, targets=ssl.targets,
-                                          temperature=cfg.kd.temperature)
+  per_ex = lambda out, t: unlabelled_loss(
+    out, t, targets=ssl.targets, temperature=cfg.kd.temperature
+  )
 
   def step(state: TrainState, batch: dict, val: dict):
     key = step_key(state, axis_name)
@@ -106,28 +124,17 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
     params = device_local(stu.params, axis_name)
     if online:
       train_loss = influence.PerExampleLoss(
-          outputs_fn=lambda p: student.apply(p, stu.model_state, xs, False)[0],
-          loss_fn=lambda out: per_ex(out, t_weak))
-      if refresh:
-        xv = prepare(None, val["images"])
-        val_loss = lambda p: jnp.mean(losses.cross_entropy(
-            student.apply(p, stu.model_state, xv, False)[0], val["labels"]))
-        g_v = pmean(jax.grad(val_loss)(params), axis_name)
-        matvec = (lambda v: v) if k.solver == "identity" else (
-            lambda v, mv=influence.curvature_matvec(train_loss, params, k.curvature):
-            pmean(mv(device_local(v, axis_name)), axis_name))
-        s, info = influence.inverse_hvp(
-            matvec, g_v, solver=k.solver, damping=k.damping, maxiter=k.cg_iters, tol=k.cg_tol,
-            x0=state.s if k.warm_start else None, lissa_scale=k.lissa_scale,
-            unroll=config_lib.unroll_option(k.unroll))
-        stats = jnp.stack([info.iterations.astype(jnp.float32), info.residual,
-                           info.negative_curvature.astype(jnp.float32)])
-      else:
-        stats = state.solve_stats
-      metrics.update(cg_iterations=stats[0], cg_residual=stats[1], cg_negative_curvature=stats[2])
-      state = state.replace(solve_stats=stats)
-      scores = influence.scores(train_loss, params, device_local(s, axis_name))
-      w = jax.lax.stop_gradient(wmap(scores, axis_name=axis_name, **wkw))
+        outputs_fn=lambda p: student.apply(p, stu.model_state, xs, False)[0],
+        loss_fn=lambda out: per_ex(out, t_weak),
+      )
+      xv = prepare(None, val["images"])
+      val_loss = lambda p: jnp.mean(
+        losses.cross_entropy(student.apply(p, stu.model_state, xv, False)[0], val["labels"])
+      )
+      state, s, scores, w, solve_metrics = online_influence(
+        state, params, train_loss, val_loss, k, refresh=refresh, axis_name=axis_name
+      )
+      metrics.update(solve_metrics)
     else:
       scores = jnp.zeros((xs.shape[0],), jnp.float32)
       w = jnp.ones_like(scores)
@@ -142,24 +149,30 @@ def make_ssl_step(student, teacher, tx_student: optax.GradientTransformation,
       unl = jnp.mean(w * unl_per) / denom
       return lab + ssl.unlabelled_weight * unl, (ms, lab, unl_per, logits[:nl])
 
-    (loss, (ms, lab, unl_per, lab_logits)), grads = jax.value_and_grad(
-        student_loss, has_aux=True)(params)
+    (loss, (ms, lab, unl_per, lab_logits)), grads = jax.value_and_grad(student_loss, has_aux=True)(
+      params
+    )
     grads, ms, loss, lab = pmean((grads, ms, loss, lab), axis_name)
     new_student = apply_update(stu, tx_student, grads, ms)
     ema = state.ema
     if ssl.ema > 0:
       ema = jax.tree.map(lambda e, p: ssl.ema * e + (1 - ssl.ema) * p, ema, new_student.params)
-    metrics.update(loss=loss, labelled_loss=lab,
-                   unlabelled_loss=pmean(jnp.mean(unl_per), axis_name),
-                   accuracy=pmean(jnp.mean(losses.accuracy(lab_logits, yl)), axis_name),
-                   **weight_metrics(w, scores, {"noisy": jnp.zeros(w.shape, bool)}, axis_name))
+    metrics.update(
+      loss=loss,
+      labelled_loss=lab,
+      unlabelled_loss=pmean(jnp.mean(unl_per), axis_name),
+      accuracy=pmean(jnp.mean(losses.accuracy(lab_logits, yl)), axis_name),
+      **weight_metrics(w, scores, {"noisy": jnp.zeros(w.shape, bool)}, axis_name),
+    )
     new_teacher = tea
     if mech == "joint":
-      new_teacher, tm = _teacher_update(teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores,
-                                        cfg, axis_name)
+      new_teacher, tm = _teacher_update(
+        teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores, cfg, axis_name
+      )
       metrics.update(tm)
-    state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher, s=s,
-                          ema=ema)
+    state = state.replace(
+      step=state.step + 1, student=new_student, teacher=new_teacher, s=s, ema=ema
+    )
     return state, metrics, (scores, w)
 
   return step
@@ -176,18 +189,24 @@ def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, 
     inputs = [xl, xw] + ([xs] if use_uda else [])
     logits, ms = teacher.apply(p, tea.model_state, jnp.concatenate(inputs), True)
     sup = jnp.mean(losses.cross_entropy(logits[:nl], yl))
-    fb = teacher_feedback_loss(logits[nl:nl + nu], pseudo, h)
+    fb = teacher_feedback_loss(logits[nl : nl + nu], pseudo, h)
     total = sup + mu * fb
     uda = jnp.zeros(())
     if use_uda:
-      per, _ = uda_consistency(t_weak, logits[nl + nu:], threshold=ssl.uda_threshold,
-                               temperature=ssl.uda_temperature)
+      per, _ = uda_consistency(
+        t_weak, logits[nl + nu :], threshold=ssl.uda_threshold, temperature=ssl.uda_temperature
+      )
       uda = jnp.mean(per)
       total = total + ssl.uda_weight * uda
     return total, (ms, sup, fb, uda)
 
   (loss, (ms, sup, fb, uda)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      device_local(tea.params, axis_name))
+    device_local(tea.params, axis_name)
+  )
   grads, ms, loss, sup, fb, uda = pmean((grads, ms, loss, sup, fb, uda), axis_name)
-  return apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
-                                              "teacher_feedback": fb, "teacher_uda": uda}
+  return apply_update(tea, tx, grads, ms), {
+    "teacher_loss": loss,
+    "teacher_ce": sup,
+    "teacher_feedback": fb,
+    "teacher_uda": uda,
+  }

@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdaif_jax import config as config_lib, influence, losses, weights as weights_lib
+from kdaif_jax import config as config_lib
+from kdaif_jax import influence, losses
+from kdaif_jax import weights as weights_lib
 
 PyTree = Any
 
@@ -121,8 +123,14 @@ def weight_metrics(w, scores, batch, axis_name) -> dict[str, jax.Array]:
   return out
 
 
-def make_supervised_step(model, tx: optax.GradientTransformation, prepare: Callable,
-                         *, axis_name: str | None = "data", net: str = "teacher") -> Callable:
+def make_supervised_step(
+  model,
+  tx: optax.GradientTransformation,
+  prepare: Callable,
+  *,
+  axis_name: str | None = "data",
+  net: str = "teacher",
+) -> Callable:
   """Plain cross-entropy training of one network (the teacher phase).
 
   Args:
@@ -148,7 +156,8 @@ def make_supervised_step(model, tx: optax.GradientTransformation, prepare: Calla
       return jnp.mean(ce), (logits, ms)
 
     (loss, (logits, ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        device_local(cur.params, axis_name))
+      device_local(cur.params, axis_name)
+    )
     grads, ms, loss = pmean((grads, ms, loss), axis_name)
     new = apply_update(cur, tx, grads, ms)
     acc = pmean(jnp.mean(losses.accuracy(logits, y)), axis_name)
@@ -164,9 +173,17 @@ def step_key(state: TrainState, axis_name: str | None) -> jax.Array:
   return jax.random.fold_in(key, jax.lax.axis_index(axis_name)) if axis_name else key
 
 
-def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
-                 tx_teacher: optax.GradientTransformation | None, prepare: Callable,
-                 cfg, *, refresh: bool = True, axis_name: str | None = "data") -> Callable:
+def make_kd_step(
+  student,
+  teacher,
+  tx_student: optax.GradientTransformation,
+  tx_teacher: optax.GradientTransformation | None,
+  prepare: Callable,
+  cfg,
+  *,
+  refresh: bool = True,
+  axis_name: str | None = "data",
+) -> Callable:
   """One KD / KD-AIF student step (and the teacher step for ``joint``).
 
   Args:
@@ -187,8 +204,6 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
   kd, k = cfg.kd, cfg.kdaif
   mechanism = k.mechanism
   online = mechanism in ("online", "joint")
-  wmap = weights_lib.get(k.weights)
-  wkw = {"temperature": k.weight_temperature} if k.weights == "sigmoid" else {}
 
   def kd_per_example(out, t_logits, y):
     return losses.kd_loss(out, t_logits, y, temperature=kd.temperature, alpha=kd.alpha)
@@ -203,39 +218,24 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
     params = device_local(stu.params, axis_name)
     if online:
       train_loss = influence.PerExampleLoss(
-          outputs_fn=lambda p: student.apply(p, stu.model_state, x, False)[0],
-          loss_fn=lambda out: kd_per_example(out, t_logits, y))
-      if refresh:
-        xv = prepare(None, val["images"])
-
-        def val_loss(p):
-          return jnp.mean(losses.cross_entropy(student.apply(p, stu.model_state, xv, False)[0],
-                                               val["labels"]))
-
-        g_v = pmean(jax.grad(val_loss)(params), axis_name)
-        if k.solver == "identity":
-          s, info = influence.inverse_hvp(lambda v: v, g_v, solver="identity")
-        else:
-          local_mv = influence.curvature_matvec(train_loss, params, k.curvature)
-          s, info = influence.inverse_hvp(
-              lambda v: pmean(local_mv(device_local(v, axis_name)), axis_name), g_v, solver=k.solver, damping=k.damping,
-              maxiter=k.cg_iters, tol=k.cg_tol, x0=state.s if k.warm_start else None,
-              lissa_scale=k.lissa_scale, unroll=config_lib.unroll_option(k.unroll))
-        solve_stats = jnp.stack([info.iterations.astype(jnp.float32), info.residual,
-                                 info.negative_curvature.astype(jnp.float32)])
-      else:
-        solve_stats = state.solve_stats
-      metrics.update(cg_iterations=solve_stats[0], cg_residual=solve_stats[1],
-                     cg_negative_curvature=solve_stats[2])
-      state = state.replace(solve_stats=solve_stats)
-      scores = influence.scores(train_loss, params, device_local(s, axis_name))
-      w = wmap(scores, axis_name=axis_name, **wkw)
+        outputs_fn=lambda p: student.apply(p, stu.model_state, x, False)[0],
+        loss_fn=lambda out: kd_per_example(out, t_logits, y),
+      )
+      xv = prepare(None, val["images"])
+      val_loss = lambda p: jnp.mean(
+        losses.cross_entropy(student.apply(p, stu.model_state, xv, False)[0], val["labels"])
+      )
+      state, s, scores, w, solve_metrics = online_influence(
+        state, params, train_loss, val_loss, k, refresh=refresh, axis_name=axis_name
+      )
+      metrics.update(solve_metrics)
     elif mechanism == "none":
       scores = jnp.zeros_like(y, jnp.float32)
       w = jnp.ones_like(scores)
     elif mechanism == "small_loss":
       # METHOD.md section 7 baseline: down-weight the largest training losses.
-      scores = kd_per_example(student.apply(stu.params, stu.model_state, x, False)[0], t_logits, y)
+      out = student.apply(stu.params, stu.model_state, x, False)[0]
+      scores = kd_per_example(out, t_logits, y)
       w = weights_lib.small_loss(scores, temperature=k.weight_temperature, axis_name=axis_name)
     else:  # static / periodic: frozen weights gathered per example
       scores = jnp.zeros_like(y, jnp.float32)
@@ -252,14 +252,18 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
     (loss, (logits, ms, per_ex)), grads = jax.value_and_grad(student_loss, has_aux=True)(params)
     grads, ms, loss = pmean((grads, ms, loss), axis_name)
     new_student = apply_update(stu, tx_student, grads, ms)
-    metrics.update(loss=loss, kd_loss=pmean(jnp.mean(per_ex), axis_name),
-                   accuracy=pmean(jnp.mean(losses.accuracy(logits, y)), axis_name),
-                   **weight_metrics(w, scores, batch, axis_name))
+    metrics.update(
+      loss=loss,
+      kd_loss=pmean(jnp.mean(per_ex), axis_name),
+      accuracy=pmean(jnp.mean(losses.accuracy(logits, y)), axis_name),
+      **weight_metrics(w, scores, batch, axis_name),
+    )
 
     new_teacher = tea
     if mechanism == "joint":
-      new_teacher, tmetrics = _joint_teacher_update(teacher, tea, tx_teacher, x, y, t_logits,
-                                                    scores, k.joint.mu, axis_name)
+      new_teacher, tmetrics = _joint_teacher_update(
+        teacher, tea, tx_teacher, x, y, t_logits, scores, k.joint.mu, axis_name
+      )
       metrics.update(tmetrics)
     state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher, s=s)
     return state, metrics, (scores, w)
@@ -267,7 +271,72 @@ def make_kd_step(student, teacher, tx_student: optax.GradientTransformation,
   return step
 
 
-def feedback_weights(scores: jax.Array, axis_name: str | None = None, eps: float = 1e-8) -> jax.Array:
+def online_influence(
+  state: TrainState,
+  params,
+  train_loss: influence.PerExampleLoss,
+  val_loss: Callable,
+  k,
+  *,
+  refresh: bool,
+  axis_name: str | None,
+):
+  """METHOD.md sections 1-2 for the batch, shared by the supervised and SSL steps.
+
+  On a refresh step: g_V = pmean ∇L_V, then s = (C + λI)⁻¹ g_V with the
+  device-averaged curvature of the batch (warm-started from ``state.s``);
+  otherwise s and its solve statistics are reused. Then I = −jvp(ℓ_B, s) and
+  the weights (stop-gradient, mean 1 over the global batch).
+
+  Args:
+    state: the step's input state (s, solve_stats).
+    params: student params, already ``device_local``.
+    train_loss: per-example training loss of the local batch.
+    val_loss: ``params -> []`` validation loss of the local validation shard.
+    k: the ``kdaif`` config.
+    refresh: recompute g_V and s.
+    axis_name: mesh axis.
+
+  Returns:
+    (state with solve_stats, s, scores [b], weights [b], metrics dict).
+  """
+  if refresh:
+    g_v = pmean(jax.grad(val_loss)(params), axis_name)
+    if k.solver == "identity":
+      matvec = lambda v: v
+    else:
+      local_mv = influence.curvature_matvec(train_loss, params, k.curvature)
+      matvec = lambda v: pmean(local_mv(device_local(v, axis_name)), axis_name)
+    s, info = influence.inverse_hvp(
+      matvec,
+      g_v,
+      solver=k.solver,
+      damping=k.damping,
+      maxiter=k.cg_iters,
+      tol=k.cg_tol,
+      x0=state.s if k.warm_start else None,
+      lissa_scale=k.lissa_scale,
+      unroll=config_lib.unroll_option(k.unroll),
+    )
+    stats = jnp.stack(
+      [
+        info.iterations.astype(jnp.float32),
+        info.residual,
+        info.negative_curvature.astype(jnp.float32),
+      ]
+    )
+  else:
+    s, stats = state.s, state.solve_stats
+  scores = influence.scores(train_loss, params, device_local(s, axis_name))
+  wkw = {"temperature": k.weight_temperature} if k.weights == "sigmoid" else {}
+  w = jax.lax.stop_gradient(weights_lib.get(k.weights)(scores, axis_name=axis_name, **wkw))
+  metrics = {"cg_iterations": stats[0], "cg_residual": stats[1], "cg_negative_curvature": stats[2]}
+  return state.replace(solve_stats=stats), s, scores, w, metrics
+
+
+def feedback_weights(
+  scores: jax.Array, axis_name: str | None = None, eps: float = 1e-8
+) -> jax.Array:
   """h_j = −I_j / std(I): the student's standardised helpfulness of example j.
 
   Args:
@@ -312,10 +381,14 @@ def _joint_teacher_update(teacher, tea: NetState, tx, x, y, t_logits_eval, score
     return sup + mu * fb, (ms, sup, fb)
 
   (loss, (ms, sup, fb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      device_local(tea.params, axis_name))
+    device_local(tea.params, axis_name)
+  )
   grads, ms, loss, sup, fb = pmean((grads, ms, loss, sup, fb), axis_name)
-  return apply_update(tea, tx, grads, ms), {"teacher_loss": loss, "teacher_ce": sup,
-                                              "teacher_feedback": fb}
+  return apply_update(tea, tx, grads, ms), {
+    "teacher_loss": loss,
+    "teacher_ce": sup,
+    "teacher_feedback": fb,
+  }
 
 
 def make_eval_step(model, prepare: Callable, *, axis_name: str | None = "data") -> Callable:
@@ -334,9 +407,11 @@ def make_eval_step(model, prepare: Callable, *, axis_name: str | None = "data") 
   def step(params, model_state, images, labels, mask):
     logits, _ = model.apply(params, model_state, prepare(None, images), False)
     m = mask.astype(jnp.float32)
-    sums = {"loss": jnp.sum(m * losses.cross_entropy(logits, labels)),
-            "correct": jnp.sum(m * losses.accuracy(logits, labels)),
-            "count": jnp.sum(m)}
+    sums = {
+      "loss": jnp.sum(m * losses.cross_entropy(logits, labels)),
+      "correct": jnp.sum(m * losses.accuracy(logits, labels)),
+      "count": jnp.sum(m),
+    }
     if axis_name:
       sums = jax.lax.psum(sums, axis_name)
     return sums, logits

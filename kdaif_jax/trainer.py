@@ -26,8 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdaif_jax import checkpoint, config as config_lib, data, models, optim, parallel
-from kdaif_jax import scoring, ssl as ssl_lib, step as step_lib, weights as weights_lib
+from kdaif_jax import checkpoint, data, models, optim, parallel, scoring
+from kdaif_jax import config as config_lib
+from kdaif_jax import ssl as ssl_lib
+from kdaif_jax import step as step_lib
+from kdaif_jax import weights as weights_lib
 from kdaif_jax.data import augment
 from kdaif_jax.logs import MetricsWriter, Progress, log, setup_logging
 from kdaif_jax.parallel import BATCH, REPLICATED
@@ -72,8 +75,14 @@ class _Run:
 def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
   """The options that define an experiment (what a resumed run must share)."""
   d = cfg.to_dict()
-  for transient in ("progress", "log_every_steps", "checkpoint_every_steps", "num_devices",
-                    "multihost", "eval_batch_size"):
+  for transient in (
+    "progress",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "num_devices",
+    "multihost",
+    "eval_batch_size",
+  ):
     d.pop(transient, None)
   return json.loads(json.dumps(d, default=str))
 
@@ -96,21 +105,32 @@ def _make_augment(cfg):
     return augment.weak(key, images, pad=cfg.augment.pad, flip=cfg.augment.flip)
 
   def strong(key, images):
-    return augment.strong(key, images, num_ops=st.num_ops, magnitude=st.magnitude,
-                          cutout_size=st.cutout, pad=cfg.augment.pad, flip=cfg.augment.flip)
+    return augment.strong(
+      key,
+      images,
+      num_ops=st.num_ops,
+      magnitude=st.magnitude,
+      cutout_size=st.cutout,
+      pad=cfg.augment.pad,
+      flip=cfg.augment.flip,
+    )
 
   return weak, strong
 
 
 def _batch_key(state, salt: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(state.key), salt),
-                            state.step)
+  return jax.random.fold_in(
+    jax.random.fold_in(jax.random.wrap_key_data(state.key), salt), state.step
+  )
 
 
 def _device_arrays(ds: data.Dataset, mesh) -> dict:
   arrays = {
-      "train_images": ds.train.images, "train_labels": ds.train.labels,
-      "train_noisy": ds.train.noisy, "val_images": ds.val.images, "val_labels": ds.val.labels,
+    "train_images": ds.train.images,
+    "train_labels": ds.train.labels,
+    "train_noisy": ds.train.noisy,
+    "val_images": ds.val.images,
+    "val_labels": ds.val.labels,
   }
   if ds.unlabelled is not None:
     arrays["unl_images"] = ds.unlabelled.images
@@ -125,20 +145,21 @@ def _init_state(run: _Run, key: jax.Array) -> step_lib.TrainState:
   t_params, t_ms = run.teacher.init(k_t, sample)
   s_params, s_ms = run.student.init(k_s, sample)
   tx_t = _teacher_tx(run)
-  tx_s = optim.make_optimizer(cfg.student.optimizer, run.student_steps_per_epoch,
-                              cfg.student.epochs)
+  tx_s = optim.make_optimizer(
+    cfg.student.optimizer, run.student_steps_per_epoch, cfg.student.epochs
+  )
   n = len(run.scored)
   return step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32),
-      key=jax.random.key_data(k_run),
-      student=step_lib.NetState(s_params, s_ms, tx_s.init(s_params)),
-      teacher=step_lib.NetState(t_params, t_ms, tx_t.init(t_params)),
-      s=jax.tree.map(jnp.zeros_like, s_params),
-      example_weights=jnp.ones((n,), jnp.float32),
-      last_scores=jnp.zeros((n,), jnp.float32),
-      last_weights=jnp.ones((n,), jnp.float32),
-      solve_stats=jnp.zeros((3,), jnp.float32),
-      ema=jax.tree.map(jnp.copy, s_params),  # its own buffers: the step donates both
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.key_data(k_run),
+    student=step_lib.NetState(s_params, s_ms, tx_s.init(s_params)),
+    teacher=step_lib.NetState(t_params, t_ms, tx_t.init(t_params)),
+    s=jax.tree.map(jnp.zeros_like, s_params),
+    example_weights=jnp.ones((n,), jnp.float32),
+    last_scores=jnp.zeros((n,), jnp.float32),
+    last_weights=jnp.ones((n,), jnp.float32),
+    solve_stats=jnp.zeros((3,), jnp.float32),
+    ema=jax.tree.map(jnp.copy, s_params),  # its own buffers: the step donates both
   )
 
 
@@ -148,8 +169,9 @@ def _teacher_tx(run: _Run):
     joint = ml_collections.ConfigDict(cfg.teacher.optimizer.to_dict())
     joint.update(lr=cfg.kdaif.joint.lr, schedule="constant", warmup_epochs=0.0)
     return optim.make_optimizer(joint, run.student_steps_per_epoch, cfg.student.epochs)
-  return optim.make_optimizer(cfg.teacher.optimizer, run.steps_per_epoch,
-                              max(cfg.teacher.epochs, 1))
+  return optim.make_optimizer(
+    cfg.teacher.optimizer, run.steps_per_epoch, max(cfg.teacher.epochs, 1)
+  )
 
 
 # --------------------------------------------------------------------------
@@ -157,15 +179,21 @@ def _teacher_tx(run: _Run):
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_fn(model: models.Model, prepare, mesh):
   fn = step_lib.make_eval_step(model, prepare)
-  return jax.jit(parallel.shard_map(fn, mesh, (REPLICATED, REPLICATED, BATCH, BATCH, BATCH),
-                                    (REPLICATED, BATCH)))
+  return jax.jit(
+    parallel.shard_map(fn, mesh, (REPLICATED, REPLICATED, BATCH, BATCH, BATCH), (REPLICATED, BATCH))
+  )
 
 
-def evaluate(run: _Run, model: models.Model, net: step_lib.NetState, split: data.Split,
-             return_logits: bool = False) -> dict:
+def evaluate(
+  run: _Run,
+  model: models.Model,
+  net: step_lib.NetState,
+  split: data.Split,
+  return_logits: bool = False,
+) -> dict:
   """Accuracy and mean CE of ``net`` on ``split`` (clean labels), chunked and sharded."""
   fn = _eval_fn(model, run.prepare, run.mesh)
   ndev = run.mesh.shape[parallel.AXIS]
@@ -182,23 +210,35 @@ def evaluate(run: _Run, model: models.Model, net: step_lib.NetState, split: data
       tot[k] += float(v)
     if return_logits:
       logits.append(np.asarray(lg)[mask])
-  out = {"accuracy": tot["correct"] / max(tot["count"], 1.0),
-         "loss": tot["loss"] / max(tot["count"], 1.0)}
+  out = {
+    "accuracy": tot["correct"] / max(tot["count"], 1.0),
+    "loss": tot["loss"] / max(tot["count"], 1.0),
+  }
   if return_logits:
     out["logits"] = np.concatenate(logits) if logits else np.zeros((0, model.num_classes))
   return out
 
 
-def _eval_and_log(run: _Run, state: step_lib.TrainState, phase: str, epoch: int,
-                  nets: tuple[str, ...]) -> dict:
+def _eval_and_log(
+  run: _Run, state: step_lib.TrainState, phase: str, epoch: int, nets: tuple[str, ...]
+) -> dict:
   results = {}
   for name in nets:
     model = run.teacher if name == "teacher" else run.student
     for split_name in ("val", "test"):
       r = evaluate(run, model, _eval_net(run, state, name), getattr(run.ds, split_name))
       results[(name, split_name)] = r
-      run.writer.write({"kind": "eval", "phase": phase, "net": name, "split": split_name,
-                        "step": int(state.step), "epoch": epoch, **r})
+      run.writer.write(
+        {
+          "kind": "eval",
+          "phase": phase,
+          "net": name,
+          "split": split_name,
+          "step": int(state.step),
+          "epoch": epoch,
+          **r,
+        }
+      )
   return results
 
 
@@ -226,8 +266,10 @@ def _val_sampler(run: _Run):
 
 def _record(cfg, state, idx, scores, w):
   if cfg.kdaif.mechanism in ("online", "joint", "small_loss"):
-    state = state.replace(last_scores=state.last_scores.at[idx].set(scores),
-                          last_weights=state.last_weights.at[idx].set(w))
+    state = state.replace(
+      last_scores=state.last_scores.at[idx].set(scores),
+      last_weights=state.last_weights.at[idx].set(w),
+    )
   return state
 
 
@@ -235,8 +277,9 @@ def _sharded_train_fn(run: _Run, per_device, with_val: bool):
   """Jits the outer step: gather the batch from device arrays, run per device, record."""
   cfg, bsz = run.cfg, run.cfg.batch_size
   if with_val:
-    sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH, BATCH),
-                            (REPLICATED, REPLICATED, BATCH))
+    sm = parallel.shard_map(
+      per_device, run.mesh, (REPLICATED, BATCH, BATCH), (REPLICATED, REPLICATED, BATCH)
+    )
   else:
     sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH), (REPLICATED, REPLICATED))
   val_batch = _val_sampler(run)
@@ -244,8 +287,12 @@ def _sharded_train_fn(run: _Run, per_device, with_val: bool):
   def outer(state, arrays, perm, i):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * bsz, bsz)
     images = run.weak(_batch_key(state, 1), arrays["train_images"][idx])
-    batch = {"images": images, "labels": arrays["train_labels"][idx],
-             "noisy": arrays["train_noisy"][idx], "weights": state.example_weights[idx]}
+    batch = {
+      "images": images,
+      "labels": arrays["train_labels"][idx],
+      "noisy": arrays["train_noisy"][idx],
+      "weights": state.example_weights[idx],
+    }
     if not with_val:
       return sm(state, {"images": batch["images"], "labels": batch["labels"]})
     state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
@@ -261,18 +308,21 @@ def _sharded_ssl_fn(run: _Run, per_device):
   bl = cfg.batch_size
   bu = bl * cfg.ssl.unlabelled_ratio
   n_lab = len(run.ds.train)
-  sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH, BATCH),
-                          (REPLICATED, REPLICATED, BATCH))
+  sm = parallel.shard_map(
+    per_device, run.mesh, (REPLICATED, BATCH, BATCH), (REPLICATED, REPLICATED, BATCH)
+  )
   val_batch = _val_sampler(run)
 
   def outer(state, arrays, perm, i):
     uidx = jax.lax.dynamic_slice_in_dim(perm, i * bu, bu)
     lidx = jax.random.choice(_batch_key(state, 2), n_lab, (bl,), replace=bl > n_lab)
     unl = arrays["unl_images"][uidx]
-    batch = {"lab_images": run.weak(_batch_key(state, 3), arrays["train_images"][lidx]),
-             "lab_labels": arrays["train_labels"][lidx],
-             "unl_weak": run.weak(_batch_key(state, 4), unl),
-             "unl_strong": run.strong(_batch_key(state, 5), unl)}
+    batch = {
+      "lab_images": run.weak(_batch_key(state, 3), arrays["train_images"][lidx]),
+      "lab_labels": arrays["train_labels"][lidx],
+      "unl_weak": run.weak(_batch_key(state, 4), unl),
+      "unl_strong": run.strong(_batch_key(state, 5), unl),
+    }
     state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
     return _record(cfg, state, uidx, scores, w), metrics
 
@@ -283,8 +333,11 @@ def _scored_arrays(run: _Run) -> dict:
   """The device arrays of the scored split under the names the scorer reads."""
   if not run.semi_supervised:
     return run.arrays
-  return {**run.arrays, "train_images": run.arrays["unl_images"],
-          "train_labels": run.arrays["unl_labels"]}
+  return {
+    **run.arrays,
+    "train_images": run.arrays["unl_images"],
+    "train_labels": run.arrays["unl_labels"],
+  }
 
 
 def _eval_net(run: _Run, state: step_lib.TrainState, name: str) -> step_lib.NetState:
@@ -299,9 +352,17 @@ def _epoch_perm(key: jax.Array, epoch: int, n: int) -> jax.Array:
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
-def _run_phase(run: _Run, phase: str, state: step_lib.TrainState, epochs: int,
-               step_fns: dict, ckpt: checkpoint.PhaseCheckpoints, eval_nets: tuple[str, ...],
-               on_epoch_start=None, student_data: bool = False) -> step_lib.TrainState:
+def _run_phase(
+  run: _Run,
+  phase: str,
+  state: step_lib.TrainState,
+  epochs: int,
+  step_fns: dict,
+  ckpt: checkpoint.PhaseCheckpoints,
+  eval_nets: tuple[str, ...],
+  on_epoch_start=None,
+  student_data: bool = False,
+) -> step_lib.TrainState:
   """Steps ``state`` through ``epochs`` epochs with checkpoints, logs and evals.
 
   ``student_data``: epochs run over the scored split (the unlabelled set in SSL)
@@ -316,7 +377,7 @@ def _run_phase(run: _Run, phase: str, state: step_lib.TrainState, epochs: int,
   start = int(state.step)
   # crc32, not hash(): str hashes change between processes, and a resumed run must
   # see the same epoch order.
-  perm_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(phase.encode()) % (2 ** 31))
+  perm_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(phase.encode()) % (2**31))
   progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
   t0 = time.time()
   refresh_every = cfg.kdaif.refresh_every
@@ -368,8 +429,9 @@ def _teacher_phase(run: _Run, state: step_lib.TrainState) -> step_lib.TrainState
   tx = optim.make_optimizer(cfg.teacher.optimizer, run.steps_per_epoch, cfg.teacher.epochs)
   per_device = step_lib.make_supervised_step(run.teacher, tx, run.prepare, net="teacher")
   fn = _sharded_train_fn(run, per_device, with_val=False)
-  state = _run_phase(run, "teacher", state, cfg.teacher.epochs, {"refresh": fn, "stale": fn},
-                     ckpt, ("teacher",))
+  state = _run_phase(
+    run, "teacher", state, cfg.teacher.epochs, {"refresh": fn, "stale": fn}, ckpt, ("teacher",)
+  )
   ckpt.close()
   return state
 
@@ -377,17 +439,21 @@ def _teacher_phase(run: _Run, state: step_lib.TrainState) -> step_lib.TrainState
 def _kd_fns(run: _Run, mechanism: str):
   cfg = ml_collections.ConfigDict(run.cfg.to_dict())
   cfg.kdaif.mechanism = mechanism
-  tx_s = optim.make_optimizer(cfg.student.optimizer, run.student_steps_per_epoch,
-                              cfg.student.epochs if mechanism == run.cfg.kdaif.mechanism
-                              else _proxy_epochs(cfg))
+  tx_s = optim.make_optimizer(
+    cfg.student.optimizer,
+    run.student_steps_per_epoch,
+    cfg.student.epochs if mechanism == run.cfg.kdaif.mechanism else _proxy_epochs(cfg),
+  )
   tx_t = _teacher_tx(run) if mechanism == "joint" else None
   if run.semi_supervised:
-    make = functools.partial(ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t,
-                             run.prepare, cfg)
+    make = functools.partial(
+      ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t, run.prepare, cfg
+    )
     wrap = functools.partial(_sharded_ssl_fn, run)
   else:
-    make = functools.partial(step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t,
-                             run.prepare, cfg)
+    make = functools.partial(
+      step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t, run.prepare, cfg
+    )
     wrap = functools.partial(_sharded_train_fn, run, with_val=True)
   fns = {"refresh": wrap(make(refresh=True))}
   online = mechanism in ("online", "joint") and cfg.kdaif.refresh_every > 1
@@ -404,20 +470,38 @@ def _score_into(run: _Run, scorer, state: step_lib.TrainState, epoch: int, label
   key = jax.random.fold_in(jax.random.key(run.cfg.seed + 17), epoch)
   t0 = time.time()
   scores, info = scorer(state, _scored_arrays(run), key)
-  w = np.asarray(weights_lib.get(run.cfg.kdaif.weights)(jnp.asarray(scores),
-                                                        **_wkw(run.cfg)))
+  w = np.asarray(weights_lib.get(run.cfg.kdaif.weights)(jnp.asarray(scores), **_wkw(run.cfg)))
   det = scoring.detection_metrics(w, run.scored.noisy)
-  run.writer.write({"kind": "scoring", "phase": label, "epoch": epoch,
-                    "step": int(state.step), "cg_iterations": int(info.iterations),
-                    "cg_residual": float(info.residual), "seconds": time.time() - t0,
-                    "w_std": float(w.std()), **{k: v for k, v in det.items() if v is not None}})
-  log.info("%s: scored %d training examples (CG %d it, residual %.2e)%s", label, len(scores),
-           int(info.iterations), float(info.residual),
-           f", AUROC(flipped) {det['auroc']:.3f}" if det["auroc"] is not None else "")
+  run.writer.write(
+    {
+      "kind": "scoring",
+      "phase": label,
+      "epoch": epoch,
+      "step": int(state.step),
+      "cg_iterations": int(info.iterations),
+      "cg_residual": float(info.residual),
+      "seconds": time.time() - t0,
+      "w_std": float(w.std()),
+      **{k: v for k, v in det.items() if v is not None},
+    }
+  )
+  log.info(
+    "%s: scored %d training examples (CG %d it, residual %.2e)%s",
+    label,
+    len(scores),
+    int(info.iterations),
+    float(info.residual),
+    f", AUROC(flipped) {det['auroc']:.3f}" if det["auroc"] is not None else "",
+  )
   # Separate buffers for each field: the step donates its whole input state.
-  return parallel.replicate(state.replace(example_weights=jnp.asarray(w, jnp.float32),
-                                          last_scores=jnp.asarray(scores, jnp.float32),
-                                          last_weights=jnp.asarray(w, jnp.float32)), run.mesh)
+  return parallel.replicate(
+    state.replace(
+      example_weights=jnp.asarray(w, jnp.float32),
+      last_scores=jnp.asarray(scores, jnp.float32),
+      last_weights=jnp.asarray(w, jnp.float32),
+    ),
+    run.mesh,
+  )
 
 
 def _wkw(cfg) -> dict:
@@ -430,8 +514,16 @@ def _student_phase(run: _Run, state: step_lib.TrainState, fresh_student) -> step
   scorer = scoring.make_whole_set_scorer(run.student, run.teacher, run.prepare, cfg, run.mesh)
   if mech == "static":
     proxy, pckpt = _restore_or(run, "proxy", state)
-    proxy = _run_phase(run, "proxy", proxy, _proxy_epochs(cfg), _kd_fns(run, "none"), pckpt,
-                       ("student",), student_data=True)
+    proxy = _run_phase(
+      run,
+      "proxy",
+      proxy,
+      _proxy_epochs(cfg),
+      _kd_fns(run, "none"),
+      pckpt,
+      ("student",),
+      student_data=True,
+    )
     pckpt.close()
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
@@ -445,8 +537,17 @@ def _student_phase(run: _Run, state: step_lib.TrainState, fresh_student) -> step
       return _score_into(run, scorer, st, epoch, "periodic") if epoch > 0 and epoch % k == 0 else st
 
   nets = ("student", "teacher") if mech == "joint" else ("student",)
-  state = _run_phase(run, "student", state, cfg.student.epochs, _kd_fns(run, mech), ckpt, nets,
-                     on_epoch, student_data=True)
+  state = _run_phase(
+    run,
+    "student",
+    state,
+    cfg.student.epochs,
+    _kd_fns(run, mech),
+    ckpt,
+    nets,
+    on_epoch,
+    student_data=True,
+  )
   ckpt.close()
   if run.semi_supervised and cfg.ssl.finetune_epochs > 0:
     state = _finetune_phase(run, state)
@@ -462,13 +563,15 @@ def _finetune_phase(run: _Run, state: step_lib.TrainState) -> step_lib.TrainStat
   student = state.student
   if cfg.ssl.ema > 0:  # continue from the weights that were being evaluated
     student = student.replace(params=jax.tree.map(jnp.copy, state.ema))
-  state = state.replace(step=jnp.zeros((), jnp.int32),
-                        student=student.replace(opt_state=tx.init(student.params)))
+  state = state.replace(
+    step=jnp.zeros((), jnp.int32), student=student.replace(opt_state=tx.init(student.params))
+  )
   state, ckpt = _restore_or(run, "finetune", state)
   per_device = step_lib.make_supervised_step(run.student, tx, run.prepare, net="student")
   fn = _sharded_train_fn(run, per_device, with_val=False)
-  state = _run_phase(run, "finetune", state, cfg.ssl.finetune_epochs,
-                     {"refresh": fn, "stale": fn}, ckpt, ())
+  state = _run_phase(
+    run, "finetune", state, cfg.ssl.finetune_epochs, {"refresh": fn, "stale": fn}, ckpt, ()
+  )
   ckpt.close()
   # Evaluation after fine-tuning reads the fine-tuned weights, not the EMA.
   return state.replace(ema=jax.tree.map(jnp.copy, state.student.params))
@@ -488,8 +591,9 @@ def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
     folder = path
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"config.teacher.init={path!r}: no checkpoint folder found")
-  ckpt = checkpoint.PhaseCheckpoints(os.path.dirname(os.path.dirname(folder)),
-                                     os.path.basename(folder))
+  ckpt = checkpoint.PhaseCheckpoints(
+    os.path.dirname(os.path.dirname(folder)), os.path.basename(folder)
+  )
   if ckpt.latest_step() is None:
     raise FileNotFoundError(f"config.teacher.init={path!r}: no complete checkpoint in {folder}")
   raw = ckpt._manager.restore(ckpt.latest_step())  # noqa: SLF001 - structure-free restore
@@ -498,8 +602,9 @@ def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
   params = jax.tree.map(jnp.asarray, net["params"])
   ms = jax.tree.map(jnp.asarray, net.get("model_state") or {})
   if jax.tree.structure(params) != jax.tree.structure(like.params):
-    raise ValueError(f"config.teacher.init={path!r} holds a different architecture than "
-                     "config.teacher.model")
+    raise ValueError(
+      f"config.teacher.init={path!r} holds a different architecture than config.teacher.model"
+    )
   return params, ms
 
 
@@ -530,25 +635,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.check_experiment(workdir, _fingerprint(cfg))
   ds = data.load(cfg.data)
   if len(ds.train) < cfg.batch_size:
-    raise ValueError(f"config.batch_size={cfg.batch_size} exceeds the {len(ds.train)} "
-                     "training examples; allowed: <= the training-set size")
+    raise ValueError(
+      f"config.batch_size={cfg.batch_size} exceeds the {len(ds.train)} "
+      "training examples; allowed: <= the training-set size"
+    )
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
   data.save_split_ids(ds, os.path.join(workdir, "splits.json"))
-  log.info("data: %s, %d train / %d val / %d test, %d classes, %d noisy; %d device(s) (%s)",
-           ds.name, len(ds.train), len(ds.val), len(ds.test), ds.num_classes,
-           int(ds.train.noisy.sum()), mesh.size, jax.default_backend())
+  log.info(
+    "data: %s, %d train / %d val / %d test, %d classes, %d noisy; %d device(s) (%s)",
+    ds.name,
+    len(ds.train),
+    len(ds.val),
+    len(ds.test),
+    ds.num_classes,
+    int(ds.train.noisy.sum()),
+    mesh.size,
+    jax.default_backend(),
+  )
 
   teacher = models.create(cfg.teacher.model, ds.num_classes)
   student = models.create(cfg.student.model, ds.num_classes)
   writer = MetricsWriter(workdir)
-  run = _Run(cfg, workdir, mesh, ds, _device_arrays(ds, mesh), teacher, student,
-             _make_prepare(ds), *_make_augment(cfg), writer,
-             len(ds.train) // cfg.batch_size, {}, {})
+  run = _Run(
+    cfg,
+    workdir,
+    mesh,
+    ds,
+    _device_arrays(ds, mesh),
+    teacher,
+    student,
+    _make_prepare(ds),
+    *_make_augment(cfg),
+    writer,
+    len(ds.train) // cfg.batch_size,
+    {},
+    {},
+  )
   if run.semi_supervised and run.student_steps_per_epoch < 1:
-    raise ValueError(f"config.ssl.unlabelled_ratio={cfg.ssl.unlabelled_ratio} x batch_size="
-                     f"{cfg.batch_size} exceeds the {len(ds.unlabelled)} unlabelled examples; "
-                     "allowed: a product <= the unlabelled-set size")
+    raise ValueError(
+      f"config.ssl.unlabelled_ratio={cfg.ssl.unlabelled_ratio} x batch_size="
+      f"{cfg.batch_size} exceeds the {len(ds.unlabelled)} unlabelled examples; "
+      "allowed: a product <= the unlabelled-set size"
+    )
   try:
     state = parallel.replicate(_init_state(run, jax.random.key(cfg.seed)), mesh)
     fresh_student = jax.tree.map(jnp.copy, state.student)  # survives the donated steps
@@ -568,8 +697,9 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
   for name, model in (("teacher", run.teacher), ("student", run.student)):
     net = _eval_net(run, state, name)
     for split in ("val", "test"):
-      results[(name, split)] = evaluate(run, model, net, getattr(ds, split),
-                                        return_logits=(split == "test"))
+      results[(name, split)] = evaluate(
+        run, model, net, getattr(ds, split), return_logits=(split == "test")
+      )
   final_scores, _ = scorer(state, _scored_arrays(run), jax.random.key(cfg.seed + 99))
   mech = cfg.kdaif.mechanism
   if mech == "none":
@@ -579,46 +709,70 @@ def _finish(run: _Run, state: step_lib.TrainState, scorer, t_start: float) -> di
   else:
     infl, w = np.asarray(state.last_scores), np.asarray(state.last_weights)
   _write_weights_csv(run, infl, w, final_scores)
-  np.savez_compressed(os.path.join(run.workdir, "predictions.npz"),
-                      labels=ds.test.clean_labels, ids=ds.test.ids,
-                      teacher_logits=results[("teacher", "test")]["logits"],
-                      student_logits=results[("student", "test")]["logits"])
+  np.savez_compressed(
+    os.path.join(run.workdir, "predictions.npz"),
+    labels=ds.test.clean_labels,
+    ids=ds.test.ids,
+    teacher_logits=results[("teacher", "test")]["logits"],
+    student_logits=results[("student", "test")]["logits"],
+  )
   run.times["final"] = time.time() - t0
-  det = scoring.detection_metrics(w, run.scored.noisy) if mech != "none" else \
-      scoring.detection_metrics(-final_scores, run.scored.noisy)
+  det = (
+    scoring.detection_metrics(w, run.scored.noisy)
+    if mech != "none"
+    else scoring.detection_metrics(-final_scores, run.scored.noisy)
+  )
   count = lambda net: models.param_count(getattr(state, net).params)
   summary = {
-      "dataset": ds.name, "mechanism": mech, "noise_rate": float(cfg.data.noise.rate),
-      "noise_kind": cfg.data.noise.kind, "num_train": len(ds.train),
-      "num_unlabelled": len(ds.unlabelled) if run.semi_supervised else 0,
-      "num_scored": len(run.scored),
-      "teacher": {"architecture": cfg.teacher.model, "parameters": count("teacher"),
-                  "test_accuracy": results[("teacher", "test")]["accuracy"],
-                  "val_accuracy": results[("teacher", "val")]["accuracy"]},
-      "student": {"architecture": cfg.student.model, "parameters": count("student"),
-                  "test_accuracy": results[("student", "test")]["accuracy"],
-                  "val_accuracy": results[("student", "val")]["accuracy"],
-                  "test_loss": results[("student", "test")]["loss"]},
-      "noise_detection": det,
-      "wall_time_s": {**{k: round(v, 3) for k, v in run.times.items()},
-                      "total_this_invocation": round(time.time() - t_start, 3)},
-      "steps_per_second": {k: round(v, 3) for k, v in run.rates.items()},
-      "device_count": run.mesh.size, "backend": jax.default_backend(),
-      "device_kind": jax.devices()[0].device_kind,
-      "jax_version": jax.__version__,
+    "dataset": ds.name,
+    "mechanism": mech,
+    "noise_rate": float(cfg.data.noise.rate),
+    "noise_kind": cfg.data.noise.kind,
+    "num_train": len(ds.train),
+    "num_unlabelled": len(ds.unlabelled) if run.semi_supervised else 0,
+    "num_scored": len(run.scored),
+    "teacher": {
+      "architecture": cfg.teacher.model,
+      "parameters": count("teacher"),
+      "test_accuracy": results[("teacher", "test")]["accuracy"],
+      "val_accuracy": results[("teacher", "val")]["accuracy"],
+    },
+    "student": {
+      "architecture": cfg.student.model,
+      "parameters": count("student"),
+      "test_accuracy": results[("student", "test")]["accuracy"],
+      "val_accuracy": results[("student", "val")]["accuracy"],
+      "test_loss": results[("student", "test")]["loss"],
+    },
+    "noise_detection": det,
+    "wall_time_s": {
+      **{k: round(v, 3) for k, v in run.times.items()},
+      "total_this_invocation": round(time.time() - t_start, 3),
+    },
+    "steps_per_second": {k: round(v, 3) for k, v in run.rates.items()},
+    "device_count": run.mesh.size,
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "jax_version": jax.__version__,
   }
   with open(os.path.join(run.workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, sort_keys=True)
   if cfg.report and jax.process_index() == 0:
     try:
       from kdaif_jax import report  # matplotlib is only imported when a report is written
+
       out = report.write_report(run.workdir)
       log.info("report: %s", out["report_md"])
     except Exception as e:  # noqa: BLE001 - a report problem must not lose a finished run
       log.warning("report could not be written: %s", e)
-  log.info("done: teacher %s test acc %.4f | student %s test acc %.4f (%s)",
-           cfg.teacher.model, summary["teacher"]["test_accuracy"], cfg.student.model,
-           summary["student"]["test_accuracy"], mech)
+  log.info(
+    "done: teacher %s test acc %.4f | student %s test acc %.4f (%s)",
+    cfg.teacher.model,
+    summary["teacher"]["test_accuracy"],
+    cfg.student.model,
+    summary["student"]["test_accuracy"],
+    mech,
+  )
   return summary
 
 

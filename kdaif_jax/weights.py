@@ -49,8 +49,9 @@ def _normalise_log(log_w: jax.Array, axis_name: str | None) -> jax.Array:
   return w / mean
 
 
-def sigmoid(scores: jax.Array, *, temperature: float = 1.0, eps: float = 1e-8,
-            axis_name: str | None = None) -> jax.Array:
+def sigmoid(
+  scores: jax.Array, *, temperature: float = 1.0, eps: float = 1e-8, axis_name: str | None = None
+) -> jax.Array:
   """w_i = 2σ(−I_i / (τ·std_B(I) + ε)), divided by its batch mean.
 
   Helpful examples (I_i < 0) get weights above 1, harmful ones below. The
@@ -99,8 +100,9 @@ def none(scores: jax.Array, **_) -> jax.Array:
   return jnp.ones_like(scores)
 
 
-def small_loss(losses: jax.Array, *, temperature: float = 1.0, eps: float = 1e-8,
-               axis_name: str | None = None) -> jax.Array:
+def small_loss(
+  losses: jax.Array, *, temperature: float = 1.0, eps: float = 1e-8, axis_name: str | None = None
+) -> jax.Array:
   """Small-loss baseline (METHOD.md section 7): large training losses get low weight.
 
   w_i ∝ σ(−(ℓ_i − mean ℓ) / (τ·std ℓ + ε)), mean 1. Not influence: the classic

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Cells shared by both notebooks
 # --------------------------------------------------------------------------
 
-COLAB_INSTALL = '''
+COLAB_INSTALL = """
 # Colab only: installs kdaif_jax. Anywhere else this cell does nothing (no network).
 import importlib.util
 import subprocess
@@ -53,14 +53,16 @@ if ON_COLAB and importlib.util.find_spec("kdaif_jax") is None:
   subprocess.run([sys.executable, "-m", "pip", "install", "-q", KDAIF_SOURCE], check=True)
   print("Installed kdaif_jax. If pip changed the jax version, restart the session once.")
 print("on Colab:", ON_COLAB)
-'''
+"""
 
 # --------------------------------------------------------------------------
 # quickstart.ipynb
 # --------------------------------------------------------------------------
 
 QUICKSTART = [
-    ("md", '''
+  (
+    "md",
+    """
 # kdaif_jax quick start: distillation that down-weights harmful training data
 
 **KD-AIF** (Wu et al., *Statistics* 2025) distils a large *teacher* network into a small
@@ -73,16 +75,22 @@ This notebook trains KD-AIF and plain KD on scikit-learn's digits with 40% of th
 labels flipped, compares them, writes the run's report and lists the most harmful examples.
 It runs offline in a couple of minutes on a laptop CPU (set `KDAIF_NOTEBOOK_SMALL=1` for a
 tiny version that runs in seconds).
-'''),
-    ("code", COLAB_INSTALL),
-    ("md", '''
+""",
+  ),
+  ("code", COLAB_INSTALL),
+  (
+    "md",
+    """
 ## Setup
 
 `SMALL` (the environment variable `KDAIF_NOTEBOOK_SMALL=1`, set by the tests) shrinks the run
 to 256 training examples, MLP teacher and student, 1 teacher and 2 student epochs: it checks
 that everything runs, not that KD-AIF helps. All outputs go to a fresh temporary folder.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 import csv
 import os
 import tempfile
@@ -101,8 +109,11 @@ WORKROOT = tempfile.mkdtemp(prefix="kdaif_quickstart_")
 print(f"kdaif_jax {kdaif_jax.__version__}, jax {jax.__version__}, backend "
       f"{jax.default_backend()}, SMALL={SMALL}")
 print("workdirs under", WORKROOT)
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ## The experiment
 
 `config_lib.base_config()` is the default experiment (digits, `cnn_large` teacher →
@@ -110,8 +121,11 @@ print("workdirs under", WORKROOT)
 damping 0.1, sigmoid weights). We add symmetric label noise to the training split; the
 validation slice (which the influence is measured against) and the test split stay clean.
 The teacher is trained on the noisy labels too.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 cfg = config_lib.base_config()
 cfg.data.noise.rate = NOISE_RATE
 cfg.data.noise.kind = "symmetric"
@@ -126,36 +140,51 @@ config_lib.validate(cfg)
 print(f"{cfg.teacher.model} ({cfg.teacher.epochs} epochs) -> {cfg.student.model} "
       f"({cfg.student.epochs} epochs), noise {cfg.data.noise.rate:.0%} {cfg.data.noise.kind}, "
       f"batch {cfg.batch_size}")
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ### 1. KD-AIF `online`
 
 `trainer.train_and_evaluate(config, workdir)` trains the teacher, then distils the student with
 per-step influence weights, evaluates both, scores the whole training set once more and writes
 `summary.json`, `weights.csv`, `metrics.jsonl`, checkpoints and more into the workdir. It
 returns the summary.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 aif_dir = os.path.join(WORKROOT, "kdaif_online")
 aif = trainer.train_and_evaluate(cfg, aif_dir)
 print(sorted(os.listdir(aif_dir)))
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ### 2. Plain KD with the same teacher
 
 `mechanism="none"` gives every example weight 1 (Hinton-style distillation). Setting
 `teacher.init` to the first workdir loads its trained teacher instead of training a new one, so
 the two students learn from exactly the same teacher.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 kd_cfg = cfg.copy_and_resolve_references()
 kd_cfg.kdaif.mechanism = "none"
 kd_cfg.teacher.init = aif_dir  # reuse the teacher trained above
 kd_cfg.teacher.epochs = 0
 kd_dir = os.path.join(WORKROOT, "plain_kd")
 kd = trainer.train_and_evaluate(kd_cfg, kd_dir)
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ### 3. Comparison
 
 Noise detection (`summary["noise_detection"]`): how well the run's signal ranks the flipped
@@ -165,8 +194,11 @@ training (`final_influence` in `weights.csv`), a signal it never acted on. The l
 `final_influence` for both runs, the like-for-like comparison. AUROC 0.5 is chance;
 precision@k is the share of flipped labels among the k lowest-ranked examples, k = number
 flipped (chance = the noise rate).
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    '''
 def fmt(v, pattern="{:.3f}"):
   return "–" if v is None else pattern.format(v)
 
@@ -195,16 +227,22 @@ display(Markdown("\\n".join([header, *rows])))
 gain = aif["student"]["test_accuracy"] - kd["student"]["test_accuracy"]
 print(f"{aif['num_train']} training examples, {aif['noise_detection']['num_noisy']} flipped; "
       f"KD-AIF - plain KD student test accuracy: {gain:+.2%}")
-'''),
-    ("md", '''
+''',
+  ),
+  (
+    "md",
+    """
 ### 4. The report
 
 `report.write_report(workdir, baseline=...)` writes `report.md`, a self-contained
 `report.html` and the figures into `WORKDIR/report/`: training curves against the baseline,
 weight distributions and noise detection, the most helpful and most harmful training images,
 per-class accuracy and calibration, and the cost of influence.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 rep = report.write_report(aif_dir, baseline=kd_dir)
 print("report:", rep["report_md"])
 for problem in rep["missing"]:
@@ -212,16 +250,22 @@ for problem in rep["missing"]:
 for name, path in rep["figures"].items():
   display(Markdown(f"**{name}**"))
   display(Image(filename=path))
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ### 5. The most harmful training examples
 
 `weights.csv` holds one row per training example: its given (possibly flipped) label, its true
 label, whether it was flipped, its last per-step influence and weight during training, and its
 `final_influence` from one whole-set solve with the final student (comparable across all
 examples). The most harmful examples should be mostly flipped labels.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 with open(os.path.join(aif_dir, "weights.csv")) as f:
   table = list(csv.DictReader(f))
 table.sort(key=lambda r: float(r["final_influence"]), reverse=True)
@@ -236,8 +280,11 @@ display(Markdown("\\n".join(lines)))
 flipped_top = sum(r["noisy"] == "1" for r in table[:TOP])
 print(f"{flipped_top} of the {TOP} most harmful are flipped labels "
       f"(noise rate {NOISE_RATE:.0%}: {NOISE_RATE * TOP:.0f} expected by chance)")
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 # One JSON line with the headline numbers (tests/test_notebooks.py reads it).
 import json
 import sys
@@ -254,7 +301,8 @@ result = {
     "flipped_in_top": flipped_top,
 }
 print("KDAIF_RESULT " + json.dumps(result))
-'''),
+""",
+  ),
 ]
 
 # --------------------------------------------------------------------------
@@ -262,7 +310,9 @@ print("KDAIF_RESULT " + json.dumps(result))
 # --------------------------------------------------------------------------
 
 EXPLORER = [
-    ("md", '''
+  (
+    "md",
+    """
 # Influence explorer: the `kdaif_jax.influence` library on your own model
 
 Influence functions (Koh & Liang, ICML 2017) answer: *how would the validation loss change if
@@ -279,9 +329,12 @@ $I_i < 0$: up-weighting example $i$ lowers the validation loss (it helps); $I_i 
 3. checking influence against actual leave-one-out retraining (logistic regression, float64).
 
 Everything runs offline on a CPU in a minute or two (`KDAIF_NOTEBOOK_SMALL=1`: seconds).
-'''),
-    ("code", COLAB_INSTALL),
-    ("code", '''
+""",
+  ),
+  ("code", COLAB_INSTALL),
+  (
+    "code",
+    """
 import os
 
 import flax.linen as nn
@@ -301,16 +354,22 @@ TRAIN_STEPS = 150 if SMALL else 400  # Adam steps of part 2
 LOO_TRAIN = 100 if SMALL else 250  # logistic-regression training set of part 3
 LOO_COUNT = 10 if SMALL else 40  # examples retrained without, part 3
 print(f"jax {jax.__version__} on {jax.default_backend()}, SMALL={SMALL}")
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ## Data: digits with 20% flipped labels
 
 `data.load` builds the splits from scikit-learn's bundled 8×8 digits: a clean, class-balanced
 validation slice of the training split (200 images), the training examples, 20% of whose labels
 are replaced by a random other class, and the test split. `ds.train.noisy` marks the flipped
 ones; training never sees it.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 cfg = data.default_data_config()
 cfg.num_train = NUM_TRAIN
 cfg.noise.rate = 0.2
@@ -326,13 +385,19 @@ x_train, y_train = inputs(ds.train), jnp.asarray(ds.train.labels)
 x_val, y_val = inputs(ds.val), jnp.asarray(ds.val.labels)
 noisy = np.asarray(ds.train.noisy)
 print(f"train {x_train.shape}, {noisy.sum()} flipped; val {x_val.shape}; test {len(ds.test)}")
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ## Part 1: the building blocks on your own Flax model
 
 Any `flax.linen` module works: the library only sees pure functions of the `params` pytree.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    '''
 class TinyNet(nn.Module):
   """Flatten -> Dense(hidden) -> tanh -> Dense(classes)."""
 
@@ -364,15 +429,21 @@ def mean_loss(p, x, y):  # scalar
 
 print("parameter shapes:", jax.tree.map(jnp.shape, params))
 print("parameters:", influence.flatten(params).size)
-'''),
-    ("md", '''
+''',
+  ),
+  (
+    "md",
+    """
 **Hessian-vector product.** `influence.hvp(f, params, v, *args)` computes $\\nabla^2 f \\cdot v$
 by forward-over-reverse differentiation: exact, about the cost of 1.5 gradients, and the
 $P \\times P$ Hessian is never built. The **Gauss-Newton** product $J^\\top H_{out} J\\, v$
 (`make_gnvp`) replaces the Hessian by a matrix that is positive semi-definite for any network,
 so conjugate gradient on it is stable; it is the library's default curvature.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 xb, yb = x_train[:32], y_train[:32]  # one training batch
 v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
 
@@ -383,13 +454,19 @@ gv = G(v)
 vdot = lambda a, b: float(influence.flatten(a) @ influence.flatten(b))
 print("H v shapes:", jax.tree.map(jnp.shape, hv))
 print(f"v^T H v = {vdot(v, hv):.4f}   v^T G v = {vdot(v, gv):.4f} (always >= 0)")
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 **Inverse solve.** `cg_solve(matvec, b, damping=λ)` solves $(C + \\lambda I)\\,s = b$ by conjugate
 gradient on pytrees; here $b = \\nabla L_V$, the validation gradient. `info` reports the
 iterations used, the relative residual and whether negative curvature was met.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 g_val = jax.grad(mean_loss)(params, x_val, y_val)
 s, info = influence.cg_solve(G, g_val, damping=0.1, maxiter=50, tol=1e-5)
 check = jax.tree.map(lambda a, b: a + 0.1 * b, G(s), s)  # (G + λI) s, should equal g_val
@@ -397,15 +474,21 @@ rel = np.linalg.norm(influence.flatten(check) - influence.flatten(g_val)) / np.l
     influence.flatten(g_val))
 print(f"CG: {int(info.iterations)} iterations, residual {float(info.residual):.2e} "
       f"(recomputed: {rel:.2e}), negative curvature: {bool(info.negative_curvature)}")
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 **Scores.** `scores(per_example_loss, params, s, *args)` returns all $B$ influences
 $I_i = -\\nabla\\ell_i^\\top s$ from **one** forward-mode product (`jax.jvp` of the loss vector
 along $s$), without ever forming per-example gradients. Below: the same numbers from explicit
 per-example gradients (`vmap(grad)`, $B$ times the memory), and from `batch_influence`, which
 does the three steps in one call.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 I_batch = influence.scores(per_example_loss, params, s, xb, yb)
 
 one = lambda p, x, y: per_example_loss(p, x[None], y[None])[0]
@@ -426,8 +509,11 @@ print(f"max relative difference: jvp vs explicit gradients {jvp_vs_explicit:.1e}
       f"vs batch_influence {jvp_vs_batch_influence:.1e}")
 print("weights (sigmoid map) of the first five:",
       np.round(np.asarray(weights.sigmoid(I_batch)[:5]), 3))
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ## Part 2: finding flipped labels by their influence
 
 Train the model for a few hundred Adam steps on the noisy labels (stopping early, before it
@@ -436,8 +522,11 @@ validation loss: one CG solve $s = (G + \\lambda I)^{-1}\\nabla L_V$ with the Ga
 matrix of the whole training set, then `scores` chunk by chunk with that one $s$. A flipped
 label pulls the model away from what the validation set wants, so it should get a large
 positive influence.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 tx = optax.adam(3e-3)
 
 
@@ -451,7 +540,7 @@ def train_step(p, opt_state, x, y):
 p = net.init(jax.random.key(0), x_train[:1])["params"]
 opt_state = tx.init(p)
 rng = np.random.default_rng(0)
-for step in range(TRAIN_STEPS):
+for _ in range(TRAIN_STEPS):
   idx = rng.choice(len(y_train), size=min(128, len(y_train)), replace=False)
   p, opt_state, loss = train_step(p, opt_state, x_train[idx], y_train[idx])
 trained = p
@@ -465,8 +554,11 @@ train_loss = float(mean_loss(trained, x_train, y_train))
 print(f"{TRAIN_STEPS} steps: training loss (noisy labels) {train_loss:.3f}, "
       f"val accuracy {accuracy(trained, x_val, y_val):.3f}, test accuracy "
       f"{accuracy(trained, inputs(ds.test), jnp.asarray(ds.test.labels)):.3f}")
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 DAMPING = 0.1
 
 
@@ -489,13 +581,19 @@ I_all = np.concatenate([np.asarray(score_chunk(trained, s_all, x_train[i:i + CHU
                                                y_train[i:i + CHUNK]))
                         for i in range(0, len(y_train), CHUNK)])
 print("influence of every training example:", I_all.shape)
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 `scoring.detection_metrics(weights, noisy)` measures how well **low** weights find the flipped
 labels, so we pass $-I$ (high influence = suspicious). AUROC 0.5 is chance. Precision@k: the
 share of flipped labels among the k most harmful examples (chance = 20%).
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 det = scoring.detection_metrics(-I_all, noisy)
 order = np.argsort(-I_all)  # most harmful first
 k_all = int(noisy.sum())
@@ -521,8 +619,11 @@ ax[1].set(xlabel="k (most harmful first)", ylabel="precision@k", ylim=(0, 1.05))
 ax[1].legend()
 plt.tight_layout()
 plt.show()
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    """
 # The 12 most harmful training images: given label (red when flipped) and true label.
 fig, axes = plt.subplots(1, 12, figsize=(14, 1.9))
 for a, i in zip(axes, order[:12], strict=True):
@@ -532,8 +633,11 @@ for a, i in zip(axes, order[:12], strict=True):
   a.set_title(f"y={ds.train.labels[i]}{true}", color="red" if flipped else "black", fontsize=9)
   a.axis("off")
 plt.show()
-'''),
-    ("md", '''
+""",
+  ),
+  (
+    "md",
+    """
 ## Part 3: influence predicts leave-one-out retraining
 
 The classic check (Koh & Liang, Fig. 2): on a convex model, influence should predict how much
@@ -543,8 +647,11 @@ machine precision by Newton's method. With the training objective
 $R(\\theta) = \\sum_j \\ell_j(\\theta) + \\tfrac{\\mu}{2}\\lVert\\theta\\rVert^2$ and
 $C = \\nabla^2 R / n$ (the curvature of the mean), removing example $i$ changes the validation
 loss by approximately $-I_i / n$.
-'''),
-    ("code", '''
+""",
+  ),
+  (
+    "code",
+    '''
 digits = load_digits()
 keep = np.isin(digits.target, [3, 8])
 X = digits.data[keep] / 16.0
@@ -618,8 +725,11 @@ ax.set(xlim=(-lim, lim), ylim=(-lim, lim),
 ax.legend()
 plt.tight_layout()
 plt.show()
-'''),
-    ("code", '''
+''',
+  ),
+  (
+    "code",
+    """
 # One JSON line with the headline numbers (tests/test_notebooks.py reads it).
 import json
 import sys
@@ -637,7 +747,8 @@ result = {
               "max_grad_norm": max(opt_gnorm, loo_gnorm_max)},
 }
 print("KDAIF_RESULT " + json.dumps(result))
-'''),
+""",
+  ),
 ]
 
 NOTEBOOKS = {"quickstart": QUICKSTART, "influence_explorer": EXPLORER}
@@ -647,9 +758,9 @@ def build_notebook(name: str) -> nbformat.NotebookNode:
   """The notebook called ``name`` (a key of ``NOTEBOOKS``), without outputs."""
   nb = v4.new_notebook()
   nb.metadata = {
-      "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-      "language_info": {"name": "python"},
-      "colab": {"provenance": []},
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+    "colab": {"provenance": []},
   }
   for i, (kind, text) in enumerate(NOTEBOOKS[name]):
     source = textwrap.dedent(text).strip("\n")

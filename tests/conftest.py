@@ -9,6 +9,7 @@ the suite's time. It changes no result, only how often XLA compiles.
 import os
 import tempfile
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "kdaif_jax_test_xla_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdaif_jax_test_xla_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

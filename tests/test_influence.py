@@ -31,13 +31,13 @@ def init_params(seed):
   """Matrices, vectors, a nested dict and a scalar leaf (39 parameters)."""
   rng = np.random.default_rng(seed)
   return {
-      "w1": jnp.asarray(rng.normal(size=(3, 5))),
-      "b1": jnp.asarray(0.3 * rng.normal(size=5)),
-      "head": {
-          "w2": jnp.asarray(rng.normal(size=(5, 3))),
-          "b2": jnp.asarray(0.3 * rng.normal(size=3)),
-      },
-      "gain": jnp.asarray(np.float64(1.3)),  # not weakly typed, like the other leaves
+    "w1": jnp.asarray(rng.normal(size=(3, 5))),
+    "b1": jnp.asarray(0.3 * rng.normal(size=5)),
+    "head": {
+      "w2": jnp.asarray(rng.normal(size=(5, 3))),
+      "b2": jnp.asarray(0.3 * rng.normal(size=3)),
+    },
+    "gain": jnp.asarray(np.float64(1.3)),  # not weakly typed, like the other leaves
   }
 
 
@@ -195,8 +195,9 @@ def ggn_system(problem):
 def test_cg_matches_dense_solve(ggn_system, unroll):
   s = ggn_system
   # the GGN has rank B(K-1) = 16 < P = 39: CG needs about 17 steps
-  x, info = influence.cg_solve(s["matvec"], s["b"], damping=s["damping"], maxiter=30,
-                               tol=1e-12, unroll=unroll)
+  x, info = influence.cg_solve(
+    s["matvec"], s["b"], damping=s["damping"], maxiter=30, tol=1e-12, unroll=unroll
+  )
   assert jax.tree.structure(x) == jax.tree.structure(s["b"])
   assert rel_err(flat(x), s["x_star"]) < 1e-8
   assert info.residual < 1e-10
@@ -210,8 +211,9 @@ def test_cg_unroll_modes_agree_and_info_is_true_residual(ggn_system):
   a = s["g"] + s["damping"] * np.eye(s["g"].shape[0])
   out = {}
   for unroll in (True, False):
-    out[unroll] = influence.cg_solve(s["matvec"], s["b"], damping=s["damping"], maxiter=4,
-                                     tol=1e-12, unroll=unroll)
+    out[unroll] = influence.cg_solve(
+      s["matvec"], s["b"], damping=s["damping"], maxiter=4, tol=1e-12, unroll=unroll
+    )
   (x_u, info_u), (x_w, info_w) = out[True], out[False]
   assert rel_err(flat(x_u), flat(x_w)) < 1e-10
   assert int(info_u.iterations) == int(info_w.iterations) == 4  # not converged in 4
@@ -230,8 +232,9 @@ def test_cg_unroll_modes_agree_and_info_is_true_residual(ggn_system):
 def test_cg_warm_start_from_answer(ggn_system, unroll):
   s = ggn_system
   x0 = s["unravel"](jnp.asarray(s["x_star"]))
-  x, info = influence.cg_solve(s["matvec"], s["b"], damping=s["damping"], maxiter=20,
-                               tol=1e-8, x0=x0, unroll=unroll)
+  x, info = influence.cg_solve(
+    s["matvec"], s["b"], damping=s["damping"], maxiter=20, tol=1e-8, x0=x0, unroll=unroll
+  )
   assert int(info.iterations) in (0, 1)
   assert rel_err(flat(x), s["x_star"]) < 1e-10
   assert info.residual < 1e-8
@@ -240,10 +243,10 @@ def test_cg_warm_start_from_answer(ggn_system, unroll):
 def test_cg_flat_arrays_and_explicit_spd():
   a, _ = random_spd(1, np.linspace(0.5, 4.0, 12))
   b = np.random.default_rng(2).normal(size=12)
-  x, info = influence.cg_solve(matrix_matvec(a), jnp.asarray(b), damping=0.3, maxiter=40,
-                               tol=1e-13)
-  np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(12), b),
-                             rtol=1e-9, atol=1e-12)
+  x, info = influence.cg_solve(matrix_matvec(a), jnp.asarray(b), damping=0.3, maxiter=40, tol=1e-13)
+  np.testing.assert_allclose(
+    np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(12), b), rtol=1e-9, atol=1e-12
+  )
   assert not bool(info.negative_curvature)
   # b = 0: nothing to do, x = 0 and no NaN from 0/0
   x0, info0 = influence.cg_solve(matrix_matvec(a), jnp.zeros(12), maxiter=5)
@@ -270,8 +273,7 @@ def test_cg_flags_negative_curvature_on_indefinite_matrix(unroll):
   # Enough damping makes the same matrix PD: no flag, and the exact answer.
   x3, info3 = influence.cg_solve(mv, b2, damping=2.5, maxiter=30, tol=1e-13, unroll=unroll)
   assert not bool(info3.negative_curvature)
-  np.testing.assert_allclose(np.asarray(x3), np.linalg.solve(a + 2.5 * np.eye(6), b2),
-                             rtol=1e-9)
+  np.testing.assert_allclose(np.asarray(x3), np.linalg.solve(a + 2.5 * np.eye(6), b2), rtol=1e-9)
 
 
 # --------------------------------------------------------------------------
@@ -290,14 +292,16 @@ def spd_problem():
 @pytest.mark.parametrize("unroll", [True, False])
 def test_lissa_single_matvec_converges(spd_problem, unroll):
   a, b, damping, x_star = spd_problem
-  x, info = influence.lissa(matrix_matvec(a), jnp.asarray(b), damping=damping, scale=4.0,
-                            depth=250, unroll=unroll)
+  x, info = influence.lissa(
+    matrix_matvec(a), jnp.asarray(b), damping=damping, scale=4.0, depth=250, unroll=unroll
+  )
   assert rel_err(x, x_star) < 1e-8
   assert int(info.iterations) == 250
   assert info.residual < 1e-8 and bool(info.finite)
   # too few steps: visibly not converged (the test above can fail)
-  x_short, _ = influence.lissa(matrix_matvec(a), jnp.asarray(b), damping=damping, scale=4.0,
-                               depth=5, unroll=unroll)
+  x_short, _ = influence.lissa(
+    matrix_matvec(a), jnp.asarray(b), damping=damping, scale=4.0, depth=5, unroll=unroll
+  )
   assert rel_err(x_short, x_star) > 1e-2
 
 
@@ -310,10 +314,12 @@ def test_lissa_sequence_of_matvecs_uses_each_once(spd_problem):
     def mv(v):
       calls[j] += 1
       return jnp.asarray(a) @ v
+
     return mv
 
-  x, info = influence.lissa([make(j) for j in range(depth)], jnp.asarray(b), damping=damping,
-                            scale=4.0, depth=depth)
+  x, info = influence.lissa(
+    [make(j) for j in range(depth)], jnp.asarray(b), damping=damping, scale=4.0, depth=depth
+  )
   assert rel_err(x, x_star) < 1e-8
   assert calls[1:].tolist() == [1] * (depth - 1)
   assert calls[0] in (1, 2)  # the first map may also measure the residual
@@ -339,8 +345,9 @@ def test_lissa_batches_average_to_mean_matrix_solution(spd_problem):
   runs = []
   for _ in range(calls):
     seq = iter(rng.integers(0, 4, size=depth + 5).tolist())
-    x, info = influence.lissa(mv, jnp.asarray(b), damping=damping, scale=4.0, depth=depth,
-                              batches=seq)
+    x, info = influence.lissa(
+      mv, jnp.asarray(b), damping=damping, scale=4.0, depth=depth, batches=seq
+    )
     assert int(info.iterations) == depth and bool(info.finite)
     runs.append(np.asarray(x))
   assert rel_err(np.mean(runs, axis=0), x_star) < 0.02
@@ -391,8 +398,17 @@ def test_batch_influence_matches_dense_oracle(problem, curvature, solver):
   maxiter = {"cg": 3 * c.shape[0], "lissa": depth, "identity": 1}[solver]
   expect, s_oracle, g_v, _ = _oracle_influence(p, x, y, xv, yv, curvature, solver, damping)
   res = influence.batch_influence(
-      p, _train_loss(x, y), lambda q: mean_loss(q, xv, yv), curvature=curvature, solver=solver,
-      damping=damping, maxiter=maxiter, tol=1e-13, lissa_scale=scale, unroll=False)
+    p,
+    _train_loss(x, y),
+    lambda q: mean_loss(q, xv, yv),
+    curvature=curvature,
+    solver=solver,
+    damping=damping,
+    maxiter=maxiter,
+    tol=1e-13,
+    lissa_scale=scale,
+    unroll=False,
+  )
   assert res.scores.shape == (x.shape[0],)
   assert rel_err(flat(res.val_grad), g_v) < 1e-12
   assert rel_err(flat(res.s), s_oracle) < 1e-8
@@ -434,8 +450,7 @@ def _train_and_score(x, y, xv, yv):
   params = {"w": jnp.zeros((2, 2), x.dtype), "b": jnp.zeros((2,), x.dtype)}
   params = jax.lax.fori_loop(0, 60, lambda _, q: sgd(q), params)
   val_loss = lambda p: jnp.mean(ce_of_logits(_linear_logits(p, xv), yv))
-  train = influence.PerExampleLoss(lambda p: _linear_logits(p, x),
-                                   lambda z: ce_of_logits(z, y))
+  train = influence.PerExampleLoss(lambda p: _linear_logits(p, x), lambda z: ce_of_logits(z, y))
   # library defaults: Gauss-Newton, CG, damping 0.1
   return influence.batch_influence(params, train, val_loss).scores, val_loss(params)
 
@@ -477,11 +492,14 @@ def test_bad_inputs_raise_clear_errors(problem):
   with pytest.raises(ValueError, match="structure"):
     influence.scores(per_example_loss, p, other, x, y)
   wrong = dict(v, head={"w2": jnp.zeros((3, 5)), "b2": v["head"]["b2"]})
-  for call in (lambda: influence.hvp(mean_loss, p, wrong, x, y),
-               lambda: influence.scores(per_example_loss, p, wrong, x, y),
-               lambda: influence.make_gnvp(lambda q: logits_fn(q, x),
-                                           lambda z: jnp.mean(ce_of_logits(z, y)), p)(wrong),
-               lambda: influence.cg_solve(lambda u: u, v, x0=wrong)):
+  for call in (
+    lambda: influence.hvp(mean_loss, p, wrong, x, y),
+    lambda: influence.scores(per_example_loss, p, wrong, x, y),
+    lambda: influence.make_gnvp(
+      lambda q: logits_fn(q, x), lambda z: jnp.mean(ce_of_logits(z, y)), p
+    )(wrong),
+    lambda: influence.cg_solve(lambda u: u, v, x0=wrong),
+  ):
     with pytest.raises(ValueError, match=r"\['head'\]\['w2'\].*\(3, 5\)"):
       call()
   with pytest.raises(ValueError, match="scalar"):
@@ -528,8 +546,7 @@ def test_bad_inputs_raise_clear_errors(problem):
 def test_lissa_with_too_few_batches_is_a_value_error(spd_problem):
   a, b, damping, _ = spd_problem
   with pytest.raises(ValueError):
-    influence.lissa(lambda v, bt: jnp.asarray(a) @ v, jnp.asarray(b), depth=10,
-                    batches=[0, 1, 2])
+    influence.lissa(lambda v, bt: jnp.asarray(a) @ v, jnp.asarray(b), depth=10, batches=[0, 1, 2])
 
 
 # --------------------------------------------------------------------------
@@ -552,7 +569,8 @@ def test_hvp_and_scores_under_jit_trace_once(problem):
   def f(params, v, x, y):
     traces.append(1)
     return influence.hvp(mean_loss, params, v, x, y), influence.scores(
-        per_example_loss, params, v, x, y)
+      per_example_loss, params, v, x, y
+    )
 
   for seed in (0, 1):
     params, x, y, _, _, v = _new_values(problem, seed)
@@ -569,8 +587,9 @@ def test_cg_solve_under_jit_traces_once(problem, unroll):
   @jax.jit
   def solve(params, x, y, b, damping):
     traces.append(1)
-    mv = influence.make_gnvp(lambda q: logits_fn(q, x), lambda z: jnp.mean(ce_of_logits(z, y)),
-                             params)
+    mv = influence.make_gnvp(
+      lambda q: logits_fn(q, x), lambda z: jnp.mean(ce_of_logits(z, y)), params
+    )
     # the GGN has rank B(K-1) = 16, so CG converges within 20 steps
     return influence.cg_solve(mv, b, damping=damping, maxiter=20, tol=1e-12, unroll=unroll)
 
@@ -590,8 +609,16 @@ def test_batch_influence_under_jit_traces_once(problem):
   @jax.jit
   def run(params, x, y, xv, yv, x0):
     traces.append(1)
-    res = influence.batch_influence(params, _train_loss(x, y), lambda q: mean_loss(q, xv, yv),
-                                    damping=damping, maxiter=20, tol=1e-12, x0=x0, unroll=False)
+    res = influence.batch_influence(
+      params,
+      _train_loss(x, y),
+      lambda q: mean_loss(q, xv, yv),
+      damping=damping,
+      maxiter=20,
+      tol=1e-12,
+      x0=x0,
+      unroll=False,
+    )
     return res.scores, res.info.iterations
 
   for seed in (0, 1):

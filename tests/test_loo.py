@@ -79,8 +79,12 @@ def load():
   y = np.where(digits.target[keep] == 7, 1.0, -1.0)
   order = np.random.default_rng(0).permutation(len(y))
   x, y = x[order], y[order]
-  return (jnp.asarray(x[:N_TRAIN]), jnp.asarray(y[:N_TRAIN]),
-          jnp.asarray(x[N_TRAIN:]), jnp.asarray(y[N_TRAIN:]))
+  return (
+    jnp.asarray(x[:N_TRAIN]),
+    jnp.asarray(y[:N_TRAIN]),
+    jnp.asarray(x[N_TRAIN:]),
+    jnp.asarray(y[N_TRAIN:]),
+  )
 
 
 def test_influence_predicts_leave_one_out_retraining():
@@ -95,11 +99,20 @@ def test_influence_predicts_leave_one_out_retraining():
   # Training loss with the regulariser split evenly over the examples, so that the
   # curvature of its mean is the Hessian of R/n.
   train = influence.PerExampleLoss(
-      outputs_fn=lambda p: (logits_fn(p, x), p),
-      loss_fn=lambda out: (jnp.logaddexp(0.0, -y * out[0])
-                           + 0.5 * LAMBDA / n * sq_norm(out[1])))
-  res = influence.batch_influence(params, train, val_loss, curvature="hessian", solver="cg",
-                                  damping=0.0, maxiter=300, tol=1e-12, unroll=False)
+    outputs_fn=lambda p: (logits_fn(p, x), p),
+    loss_fn=lambda out: jnp.logaddexp(0.0, -y * out[0]) + 0.5 * LAMBDA / n * sq_norm(out[1]),
+  )
+  res = influence.batch_influence(
+    params,
+    train,
+    val_loss,
+    curvature="hessian",
+    solver="cg",
+    damping=0.0,
+    maxiter=300,
+    tol=1e-12,
+    unroll=False,
+  )
   assert float(res.info.residual) < 1e-10 and not bool(res.info.negative_curvature)
   # I_i = −∇ℓ_iᵀ s for the data term alone (the regulariser is not removed with i)
   scores = np.asarray(influence.scores(per_example_loss, params, res.s, x, y))

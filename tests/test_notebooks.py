@@ -24,7 +24,6 @@ RESULT_PREFIX = "KDAIF_RESULT "
 CELL_TIMEOUT_S = 300
 
 
-
 def _path(name: str) -> str:
   return os.path.join(NOTEBOOK_DIR, f"{name}.ipynb")
 
@@ -47,7 +46,8 @@ def test_committed_notebook_has_no_outputs_and_matches_builder(name):
     assert cell.execution_count is None, f"{cell.id} has an execution count"
   # The .ipynb is generated: notebooks/_build.py must give exactly the committed file.
   assert nb == _load_builder().build_notebook(name), (
-      f"{name}.ipynb differs from notebooks/_build.py; edit _build.py and rerun it")
+    f"{name}.ipynb differs from notebooks/_build.py; edit _build.py and rerun it"
+  )
   first = code[0].source
   assert "google.colab" in first and "KDAIF_SOURCE" in first
   assert any('os.environ.get("KDAIF_NOTEBOOK_SMALL") == "1"' in c.source for c in code)
@@ -58,8 +58,11 @@ def kernel_env(tmp_path, monkeypatch):
   """A kernelspec that starts this interpreter, found through JUPYTER_PATH."""
   spec_dir = tmp_path / "jupyter" / "kernels" / KERNEL
   spec_dir.mkdir(parents=True)
-  spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-          "display_name": "kdaif_jax test kernel", "language": "python"}
+  spec = {
+    "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    "display_name": "kdaif_jax test kernel",
+    "language": "python",
+  }
   (spec_dir / "kernel.json").write_text(json.dumps(spec))
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("KDAIF_NOTEBOOK_SMALL", "1")
@@ -73,26 +76,38 @@ def _execute(name: str, cwd) -> tuple[nbformat.NotebookNode, dict]:
   from nbclient import NotebookClient
 
   nb = nbformat.read(_path(name), as_version=4)
-  client = NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT_S, startup_timeout=120,
-                          resources={"metadata": {"path": str(cwd)}})
+  client = NotebookClient(
+    nb,
+    kernel_name=KERNEL,
+    timeout=CELL_TIMEOUT_S,
+    startup_timeout=120,
+    resources={"metadata": {"path": str(cwd)}},
+  )
   client.execute()  # raises CellExecutionError on the first failing cell
   for cell in nb.cells:
     if cell.cell_type == "code":
       errors = [o for o in cell.outputs if o.output_type == "error"]
       assert not errors, f"{name} cell {cell.id}: {errors}"
-  lines = [line for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs
-           if o.output_type == "stream" and o.name == "stdout"
-           for line in o.text.splitlines() if line.startswith(RESULT_PREFIX)]
+  lines = [
+    line
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for o in cell.outputs
+    if o.output_type == "stream" and o.name == "stdout"
+    for line in o.text.splitlines()
+    if line.startswith(RESULT_PREFIX)
+  ]
   assert len(lines) == 1, f"{name}: expected one {RESULT_PREFIX.strip()} line, got {lines}"
-  result = json.loads(lines[0][len(RESULT_PREFIX):])
+  result = json.loads(lines[0][len(RESULT_PREFIX) :])
   assert result["small"] is True
   assert os.path.realpath(result["python"]) == os.path.realpath(sys.executable)
   return nb, result
 
 
 def _count_outputs(nb, mime: str) -> int:
-  return sum(mime in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-             for o in c.outputs)
+  return sum(
+    mime in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs
+  )
 
 
 @pytest.mark.slow

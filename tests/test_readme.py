@@ -24,4 +24,5 @@ def test_readme_library_example_runs():
 
 def jax_leaves(tree):
   import jax
+
   return jax.tree.leaves(tree)

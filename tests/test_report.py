@@ -64,13 +64,28 @@ def _check_pngs_and_html(out):
 def test_report_of_a_finished_run(run_dir, full_report):
   out = full_report
   assert os.path.dirname(out["report_md"]) == os.path.join(run_dir, "report")
-  assert set(out["figures"]) == {"training_curves.png", "weights.png", "most_helpful.png",
-                                 "most_harmful.png", "per_class_accuracy.png", "reliability.png"}
+  assert set(out["figures"]) == {
+    "training_curves.png",
+    "weights.png",
+    "most_helpful.png",
+    "most_harmful.png",
+    "per_class_accuracy.png",
+    "reliability.png",
+  }
   _check_pngs_and_html(out)
   assert out["missing"] == []
   md = _read(out["report_md"])
-  for word in ("AUROC", "ECE", "FLOPs", "compression", "precision@", "worst class",
-               "Teacher from checkpoints/teacher", "## Missing", "Nothing: every file"):
+  for word in (
+    "AUROC",
+    "ECE",
+    "FLOPs",
+    "compression",
+    "precision@",
+    "worst class",
+    "Teacher from checkpoints/teacher",
+    "## Missing",
+    "Nothing: every file",
+  ):
     assert word in md, word
   for name in out["figures"]:
     assert f"]({name})" in md
@@ -128,10 +143,14 @@ def test_empty_folder_gives_a_report_of_missing_files(tmp_path):
 def test_static_influence_share_is_measured_from_scoring_lines(tmp_path):
   # A hand-made partial workdir: static scored once for 5 s; proxy 10 s, student 35 s.
   (tmp_path / "config.json").write_text(json.dumps({"kdaif": {"mechanism": "static"}}))
-  (tmp_path / "summary.json").write_text(json.dumps(
-      {"mechanism": "static", "wall_time_s": {"teacher": 3.0, "proxy": 10.0, "student": 35.0}}))
-  (tmp_path / "metrics.jsonl").write_text(json.dumps(
-      {"kind": "scoring", "phase": "static", "step": 8, "epoch": 0, "seconds": 5.0}) + "\n")
+  (tmp_path / "summary.json").write_text(
+    json.dumps(
+      {"mechanism": "static", "wall_time_s": {"teacher": 3.0, "proxy": 10.0, "student": 35.0}}
+    )
+  )
+  (tmp_path / "metrics.jsonl").write_text(
+    json.dumps({"kind": "scoring", "phase": "static", "step": 8, "epoch": 0, "seconds": 5.0}) + "\n"
+  )
   out = report.write_report(str(tmp_path))
   assert out["numbers"]["influence_share"] == pytest.approx(5 / 50)
   md = _read(out["report_md"])
@@ -140,8 +159,13 @@ def test_static_influence_share_is_measured_from_scoring_lines(tmp_path):
 
 
 def test_cli_writes_the_report(run_dir, tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "kdaif_jax.report", run_dir, "--out",
-                         str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "kdaif_jax.report", run_dir, "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "ECE" in (tmp_path / "report.md").read_text()
   assert (tmp_path / "report.html").exists()
@@ -152,12 +176,15 @@ def test_cli_writes_the_report(run_dir, tmp_path):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("weights, noisy", [
+@pytest.mark.parametrize(
+  "weights, noisy",
+  [
     ([0.1, 0.5, 0.5, 0.9, 0.5, 1.2, 0.3, 0.5], [1, 1, 0, 0, 1, 0, 0, 0]),  # ties across groups
     ([1.0, 1.0, 1.0, 1.0], [1, 0, 0, 1]),  # all tied: 0.5
     ([0.2, 0.4, 0.6, 0.8, 1.0], [1, 1, 0, 0, 0]),  # perfect
     ([0.2, 0.4, 0.6, 0.8, 1.0], [0, 0, 0, 1, 1]),  # inverted
-])
+  ],
+)
 def test_detection_metrics_match_sklearn(weights, noisy):
   w, y = np.asarray(weights), np.asarray(noisy, bool)
   det = scoring.detection_metrics(w, y)
@@ -179,8 +206,9 @@ def test_detection_precision_at_k_by_hand():
 
 def test_ece_by_hand():
   # Confidences 0.95 (bin 14), 0.9 (bin 13), 0.55 (bin 8), 0.55 (bin 8), 0.42 (bin 6).
-  probs = np.array([[0.95, 0.05, 0.0], [0.1, 0.9, 0.0], [0.55, 0.45, 0.0], [0.45, 0.55, 0.0],
-                    [0.29, 0.29, 0.42]])
+  probs = np.array(
+    [[0.95, 0.05, 0.0], [0.1, 0.9, 0.0], [0.55, 0.45, 0.0], [0.45, 0.55, 0.0], [0.29, 0.29, 0.42]]
+  )
   labels = np.array([0, 0, 0, 0, 2])
   # Correct: yes, no, yes, no, yes.  Bin 14: |1 - 0.95| * 1; bin 13: |0 - 0.9| * 1;
   # bin 8: |0.5 - 0.55| * 2; bin 6 (0.42 in (6/15, 7/15]): |1 - 0.42| * 1.
@@ -188,7 +216,8 @@ def test_ece_by_hand():
   assert report.expected_calibration_error(probs, labels) == pytest.approx(by_hand)
   # One bin: |accuracy - mean confidence| of everything.
   assert report.expected_calibration_error(probs, labels, num_bins=1) == pytest.approx(
-      abs(3 / 5 - (0.95 + 0.9 + 0.55 + 0.55 + 0.42) / 5))
+    abs(3 / 5 - (0.95 + 0.9 + 0.55 + 0.55 + 0.42) / 5)
+  )
   # Perfectly confident and right: 0.
   assert report.expected_calibration_error(np.eye(3), np.arange(3)) == pytest.approx(0.0)
 
@@ -214,6 +243,7 @@ def test_forward_flops_of_a_dense_layer(use_bias):
 
 def test_forward_flops_of_a_registry_model_scales_with_width():
   from kdaif_jax import models
+
   small = report.forward_flops(models.create("mlp", 10, hidden=8), (1, 8, 8, 1))
   big = report.forward_flops(models.create("mlp", 10, hidden=16), (1, 8, 8, 1))
   # Dense 64->h (+bias, +relu) and h->10 (+bias).
@@ -223,16 +253,25 @@ def test_forward_flops_of_a_registry_model_scales_with_width():
 
 def test_read_metrics_keeps_the_last_line_and_skips_broken_ones(tmp_path):
   lines = [
-      {"kind": "train", "phase": "student", "step": 2, "loss": 1.0},
-      {"kind": "eval", "phase": "student", "net": "student", "split": "val", "step": 2,
-       "accuracy": 0.5},
-      {"kind": "train", "phase": "student", "step": 2, "loss": 0.5},  # resumed: rewritten
-      {"kind": "train", "phase": "student", "step": 4, "loss": "nan"},
+    {"kind": "train", "phase": "student", "step": 2, "loss": 1.0},
+    {
+      "kind": "eval",
+      "phase": "student",
+      "net": "student",
+      "split": "val",
+      "step": 2,
+      "accuracy": 0.5,
+    },
+    {"kind": "train", "phase": "student", "step": 2, "loss": 0.5},  # resumed: rewritten
+    {"kind": "train", "phase": "student", "step": 4, "loss": "nan"},
   ]
   text = "\n".join(json.dumps(x) for x in lines) + "\n[1, 2]\n\n" + '{"kind": "tra'
   (tmp_path / "metrics.jsonl").write_text(text)
   records, problems = report.read_metrics(str(tmp_path / "metrics.jsonl"))
   assert [(r["kind"], r["step"], r.get("loss")) for r in records] == [
-      ("eval", 2, None), ("train", 2, 0.5), ("train", 4, "nan")]
+    ("eval", 2, None),
+    ("train", 2, 0.5),
+    ("train", 4, "nan"),
+  ]
   assert len(problems) == 2 and "line 7" in problems[1] and "truncated" in problems[1]
   assert report.read_metrics(str(tmp_path / "none.jsonl")) == ([], ["none.jsonl not found"])

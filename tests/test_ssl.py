@@ -7,8 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-
-from kdaif_jax import config as config_lib, influence, losses, models, ssl, step as step_lib
+from kdaif_jax import config as config_lib
+from kdaif_jax import influence, losses, models, ssl
+from kdaif_jax import step as step_lib
 
 
 def test_unlabelled_loss_soft_and_hard():
@@ -47,12 +48,14 @@ def test_joint_feedback_sign_with_real_influence():
     xu = jnp.array([[2.5, 0.3], [-2.5, -0.2]])  # true classes 1 and 0
     t_logits = jnp.array([[2.0, 0.0], [2.0, 0.0]])  # both pseudo-labels: class 0
     pseudo = jnp.argmax(t_logits, -1)
-    train_loss = influence.PerExampleLoss(lambda p: out(p, xu),
-                                          lambda o: losses.cross_entropy(o, pseudo))
+    train_loss = influence.PerExampleLoss(
+      lambda p: out(p, xu), lambda o: losses.cross_entropy(o, pseudo)
+    )
     val_loss = lambda p: jnp.mean(losses.cross_entropy(out(p, xv), jnp.asarray(yv)))
     for curvature in ("ggn", "hessian"):
-      res = influence.batch_influence(params, train_loss, val_loss, curvature=curvature,
-                                      damping=0.1, maxiter=20)
+      res = influence.batch_influence(
+        params, train_loss, val_loss, curvature=curvature, damping=0.1, maxiter=20
+      )
       assert res.scores[0] > 0 > res.scores[1]  # wrong label harmful, right one helpful
       h = step_lib.feedback_weights(res.scores)
       grad = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(t_logits)
@@ -74,14 +77,24 @@ def _ssl_setup(mechanism, **ssl_overrides):
   sp, sms = student.init(k[1], sample)
   tx = optax.sgd(0.1)
   state = step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), key=jax.random.key_data(k[2]),
-      student=step_lib.NetState(sp, sms, tx.init(sp)),
-      teacher=step_lib.NetState(tp, tms, tx.init(tp)), s=jax.tree.map(jnp.zeros_like, sp),
-      example_weights=jnp.ones(8), last_scores=jnp.zeros(8), last_weights=jnp.ones(8),
-      solve_stats=jnp.zeros(3), ema=jax.tree.map(jnp.copy, sp))
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.key_data(k[2]),
+    student=step_lib.NetState(sp, sms, tx.init(sp)),
+    teacher=step_lib.NetState(tp, tms, tx.init(tp)),
+    s=jax.tree.map(jnp.zeros_like, sp),
+    example_weights=jnp.ones(8),
+    last_scores=jnp.zeros(8),
+    last_weights=jnp.ones(8),
+    solve_stats=jnp.zeros(3),
+    ema=jax.tree.map(jnp.copy, sp),
+  )
   img = lambda kk, n: jax.random.randint(kk, (n, 4, 4, 1), 0, 256).astype(jnp.uint8)
-  batch = {"lab_images": img(k[3], 4), "lab_labels": jnp.array([0, 1, 2, 0]),
-           "unl_weak": img(k[4], 8), "unl_strong": 255 - img(k[4], 8)}
+  batch = {
+    "lab_images": img(k[3], 4),
+    "lab_labels": jnp.array([0, 1, 2, 0]),
+    "unl_weak": img(k[4], 8),
+    "unl_strong": 255 - img(k[4], 8),
+  }
   val = {"images": img(k[2], 6), "labels": jnp.array([0, 1, 2, 0, 1, 2])}
   prepare = lambda key, im: im.astype(jnp.float32) / 255.0
   fn = ssl.make_ssl_step(student, teacher, tx, tx, prepare, cfg, axis_name=None)
@@ -94,8 +107,9 @@ def _differ(a, b):
 
 @pytest.mark.parametrize("mechanism", ["none", "online", "joint"])
 def test_ssl_step_updates(mechanism):
-  state, batch, val, fn = _ssl_setup(mechanism, uda_weight=1.0 if mechanism == "joint" else 0.0,
-                                     ema=0.9)
+  state, batch, val, fn = _ssl_setup(
+    mechanism, uda_weight=1.0 if mechanism == "joint" else 0.0, ema=0.9
+  )
   new, metrics, (scores, w) = fn(state, batch, val)
   assert scores.shape == (8,) and w.shape == (8,)
   assert _differ(state.student.params, new.student.params)

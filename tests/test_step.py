@@ -6,7 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from kdaif_jax import config as config_lib, losses, models, step as step_lib
+from kdaif_jax import config as config_lib
+from kdaif_jax import losses, models
+from kdaif_jax import step as step_lib
 
 B, K = 16, 3
 
@@ -27,14 +29,24 @@ def _setup(mechanism, key=0):
   sp, sms = student.init(k[5], sample)
   tx = optax.sgd(0.1)
   state = step_lib.TrainState(
-      step=jnp.zeros((), jnp.int32), key=jax.random.key_data(jax.random.key(1)),
-      student=step_lib.NetState(sp, sms, tx.init(sp)),
-      teacher=step_lib.NetState(tp, tms, tx.init(tp)),
-      s=jax.tree.map(jnp.zeros_like, sp), example_weights=jnp.ones((B,)),
-      last_scores=jnp.zeros((B,)), last_weights=jnp.ones((B,)), solve_stats=jnp.zeros((3,)), ema=sp)
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.key_data(jax.random.key(1)),
+    student=step_lib.NetState(sp, sms, tx.init(sp)),
+    teacher=step_lib.NetState(tp, tms, tx.init(tp)),
+    s=jax.tree.map(jnp.zeros_like, sp),
+    example_weights=jnp.ones((B,)),
+    last_scores=jnp.zeros((B,)),
+    last_weights=jnp.ones((B,)),
+    solve_stats=jnp.zeros((3,)),
+    ema=sp,
+  )
   prepare = lambda key, im: im.astype(jnp.float32) / 255.0 - 0.5
-  batch = {"images": x, "labels": y, "noisy": jnp.zeros((B,), bool),
-           "weights": jnp.linspace(0.5, 1.5, B)}
+  batch = {
+    "images": x,
+    "labels": y,
+    "noisy": jnp.zeros((B,), bool),
+    "weights": jnp.linspace(0.5, 1.5, B),
+  }
   val = {"images": xv, "labels": yv}
   fn = step_lib.make_kd_step(student, teacher, tx, tx, prepare, cfg, axis_name=None)
   return cfg, student, teacher, tx, prepare, state, batch, val, fn
@@ -44,8 +56,9 @@ def _changed(a, b):
   return any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "online", "joint",
-                                       "small_loss"])
+@pytest.mark.parametrize(
+  "mechanism", ["none", "static", "periodic", "online", "joint", "small_loss"]
+)
 def test_every_mechanism_updates_the_student(mechanism):
   *_, state, batch, val, fn = _setup(mechanism)
   new, metrics, (scores, w) = jax.jit(fn)(state, batch, val)
@@ -70,8 +83,9 @@ def test_none_equals_plain_kd():
 
   def plain(p):
     out = student.apply(p, {}, x, True)[0]
-    return jnp.mean(losses.kd_loss(out, t, batch["labels"], temperature=cfg.kd.temperature,
-                                   alpha=cfg.kd.alpha))
+    return jnp.mean(
+      losses.kd_loss(out, t, batch["labels"], temperature=cfg.kd.temperature, alpha=cfg.kd.alpha)
+    )
 
   grads = jax.grad(plain)(state.student.params)
   upd, _ = tx.update(grads, state.student.opt_state, state.student.params)
@@ -96,8 +110,9 @@ def test_refresh_false_reuses_s():
   cfg, student, teacher, tx, prepare, state, batch, val, _ = _setup("online")
   s = jax.tree.map(lambda a: jnp.full_like(a, 0.01), state.s)
   state = state.replace(s=s)
-  stale = step_lib.make_kd_step(student, teacher, tx, None, prepare, cfg, refresh=False,
-                                axis_name=None)
+  stale = step_lib.make_kd_step(
+    student, teacher, tx, None, prepare, cfg, refresh=False, axis_name=None
+  )
   state = state.replace(solve_stats=jnp.array([7.0, 0.5, 0.0]))
   new, metrics, _ = stale(state, batch, val)
   assert float(metrics["cg_iterations"]) == 7.0  # the newest solve's, carried over

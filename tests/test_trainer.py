@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from kdaif_jax import checkpoint, config as config_lib, trainer
+from kdaif_jax import checkpoint, trainer
+from kdaif_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["default", "digits_noisy", "cifar100_kd", "digits_ssl", "cifar10_4k", "svhn_1k"]
@@ -50,8 +51,15 @@ def test_config_smoke_writes_every_file(name, tmp_path):
   cfg.report = name == "default"  # the end-of-run report, once (tests/test_report.py has the rest)
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert (tmp_path / "report" / "report.md").exists() == cfg.report
-  for f in ("summary.json", "metrics.jsonl", "config.json", "weights.csv", "splits.json",
-            "predictions.npz", "experiment.json"):
+  for f in (
+    "summary.json",
+    "metrics.jsonl",
+    "config.json",
+    "weights.csv",
+    "splits.json",
+    "predictions.npz",
+    "experiment.json",
+  ):
     assert (tmp_path / f).exists(), f
   assert any(n.startswith("events") for n in os.listdir(tmp_path / "tensorboard"))
   on_disk = json.loads((tmp_path / "summary.json").read_text())
@@ -75,8 +83,17 @@ def test_config_smoke_writes_every_file(name, tmp_path):
   assert ("train", "teacher") in phases and ("train", "student") in phases
   assert ("eval", "student") in phases
   student_train = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
-  for key in ("loss", "accuracy", "w_mean", "w_std", "w_min", "w_max", "w_below_half",
-              "cg_residual", "cg_iterations"):
+  for key in (
+    "loss",
+    "accuracy",
+    "w_mean",
+    "w_std",
+    "w_min",
+    "w_max",
+    "w_below_half",
+    "cg_residual",
+    "cg_iterations",
+  ):
     assert key in student_train[-1], key
 
 
@@ -100,8 +117,9 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
   if mechanism == "joint":
     student_train = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
     assert "teacher_loss" in student_train[-1]
-    assert any(r["net"] == "teacher" for r in lines if r["kind"] == "eval" and
-               r["phase"] == "student")
+    assert any(
+      r["net"] == "teacher" for r in lines if r["kind"] == "eval" and r["phase"] == "student"
+    )
 
 
 def test_workdir_of_another_experiment_is_refused(tmp_path):
@@ -113,7 +131,9 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     trainer.train_and_evaluate(cfg, str(tmp_path))
 
 
-@pytest.mark.parametrize("option,value,match", [
+@pytest.mark.parametrize(
+  "option,value,match",
+  [
     ("data.name", "imagenet", "data.name"),
     ("student.model", "resnet1000", "student.model"),
     ("kdaif.mechanism", "sometimes", "kdaif.mechanism"),
@@ -125,7 +145,8 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),
     ("data.noise.rate", 1.0, "data.noise.rate"),
-])
+  ],
+)
 def test_bad_config_names_the_option(option, value, match):
   cfg = load_config("default", None)
   node = cfg
@@ -142,8 +163,9 @@ def test_bad_config_names_the_option(option, value, match):
 def _run_main(args, workdir, **kw):
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   cmd = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *args]
-  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **kw)
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+  )
 
 
 def test_cli_errors_are_one_line_before_any_compile(tmp_path):
@@ -151,26 +173,33 @@ def test_cli_errors_are_one_line_before_any_compile(tmp_path):
   out, _ = p.communicate(timeout=120)
   assert p.returncode == 2
   assert "Traceback" not in out
-  assert re.search(r"^error: config\.kdaif\.mechanism='bogus' .*allowed: none, static",
-                   out, re.M)
-  p = _run_main(["--config=configs/cifar100_kd.py", f"--config.data.data_dir={tmp_path}/tfds"],
-                tmp_path / "w")
+  assert re.search(r"^error: config\.kdaif\.mechanism='bogus' .*allowed: none, static", out, re.M)
+  p = _run_main(
+    ["--config=configs/cifar100_kd.py", f"--config.data.data_dir={tmp_path}/tfds"], tmp_path / "w"
+  )
   out, _ = p.communicate(timeout=120)
   assert p.returncode == 2 and "Traceback" not in out
   assert "tfds build cifar100" in out and "array_record" in out
 
 
 def test_resume_after_sigkill(tmp_path):
-  args = ["--config=configs/default.py:smoke", "--config.teacher.model=mlp",
-          "--config.student.model=mlp", "--config.teacher.epochs=150",
-          "--config.checkpoint_every_steps=20"]
+  args = [
+    "--config=configs/default.py:smoke",
+    "--config.teacher.model=mlp",
+    "--config.student.model=mlp",
+    "--config.teacher.epochs=150",
+    "--config.checkpoint_every_steps=20",
+  ]
   p = _run_main(args, tmp_path)
   ckpt_dir = tmp_path / "checkpoints" / "teacher"
   deadline = time.time() + 300
   killed_after = None
   while time.time() < deadline and p.poll() is None:
-    steps = [int(n) for n in os.listdir(ckpt_dir)] if ckpt_dir.exists() and all(
-        n.isdigit() for n in os.listdir(ckpt_dir)) else []
+    steps = (
+      [int(n) for n in os.listdir(ckpt_dir)]
+      if ckpt_dir.exists() and all(n.isdigit() for n in os.listdir(ckpt_dir))
+      else []
+    )
     if steps:
       killed_after = max(steps)
       p.send_signal(signal.SIGKILL)
@@ -185,8 +214,11 @@ def test_resume_after_sigkill(tmp_path):
   m = re.search(r"teacher: resumed from checkpoint at step (\d+)", out)
   assert m and int(m.group(1)) >= killed_after
   assert json.loads((tmp_path / "summary.json").read_text())["mechanism"] == "online"
-  teacher_steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")
-                   if r["kind"] == "train" and r["phase"] == "teacher"]
+  teacher_steps = [
+    r["step"]
+    for r in read_jsonl(tmp_path / "metrics.jsonl")
+    if r["kind"] == "train" and r["phase"] == "teacher"
+  ]
   assert max(teacher_steps) == 150 * 8  # 256 examples / batch 32 = 8 steps per epoch
 
 
@@ -224,8 +256,9 @@ print("RESULT" + json.dumps(out))
 def test_eight_devices_match_one(tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   code = _MULTI.format(root=ROOT, tmp=str(tmp_path))
-  res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+  res = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT", 1)[1])
   one, eight = out["1"], out["8"]

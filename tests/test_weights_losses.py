@@ -56,11 +56,11 @@ def test_constant_and_single_inputs_give_ones(name, value):
 
 
 EXTREME = [
-    [-1e30, 0.0, 1e30, 5e29],
-    [0.0, 1e30],
-    [1e30, 2e30, 3e30],
-    [-3e30, -1e30, 0.0],
-    [1e-30, -1e-30, 0.0, 3e-30],
+  [-1e30, 0.0, 1e30, 5e29],
+  [0.0, 1e30],
+  [1e30, 2e30, 3e30],
+  [-3e30, -1e30, 0.0],
+  [1e-30, -1e-30, 0.0, 3e-30],
 ]
 
 
@@ -94,8 +94,9 @@ def test_sigmoid_hand_computed_three_examples():
   # the literal numbers for τ = 1: std = 0.53125..., z = −I/std
   std = np.sqrt(np.mean((scores - scores.mean()) ** 2))
   raw = 2.0 / (1.0 + np.exp(scores / std))
-  np.testing.assert_allclose(np.asarray(weights.sigmoid(jnp.asarray(scores, jnp.float32))),
-                             raw / raw.mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(weights.sigmoid(jnp.asarray(scores, jnp.float32))), raw / raw.mean(), rtol=1e-5
+  )
   # a larger temperature flattens the weights towards 1
   spread = lambda t: np.ptp(np.asarray(weights.sigmoid(jnp.asarray(scores), temperature=t)))
   assert spread(3.0) < spread(1.0) < spread(0.3)
@@ -104,8 +105,9 @@ def test_sigmoid_hand_computed_three_examples():
 def test_sigmoid_is_scale_invariant_but_not_shift_invariant():
   s = jnp.asarray([-0.5, 0.1, 0.8, 0.3])
   np.testing.assert_allclose(weights.sigmoid(s), weights.sigmoid(1e4 * s), rtol=1e-5)
-  np.testing.assert_allclose(weights.sigmoid(s + 1.0), np_sigmoid_weights(np.asarray(s) + 1.0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    weights.sigmoid(s + 1.0), np_sigmoid_weights(np.asarray(s) + 1.0), rtol=1e-5
+  )
 
 
 def test_std_accurate_for_a_large_common_offset():
@@ -130,7 +132,7 @@ def test_exp_minmax_hand_computed_three_examples():
   # literal: −I = [0.5, −0.1, −0.8] → minmax [1, 1 − 2·0.6/1.3, −1]
   raw = np.exp(np.array([1.0, 1.0 - 1.2 / 1.3, -1.0]))
   np.testing.assert_allclose(got, raw / raw.mean(), rtol=1e-5)
-  assert got[0] / got[2] == pytest.approx(np.e ** 2, rel=1e-5)
+  assert got[0] / got[2] == pytest.approx(np.e**2, rel=1e-5)
 
 
 def test_none_is_ones():
@@ -216,10 +218,10 @@ def test_cross_entropy_hand_computed(logits):
   np.testing.assert_allclose(got, -np_log_softmax(s)[np.arange(6), y], rtol=1e-5)
   # literal case: logits [0, ln 3] → p = [1/4, 3/4]
   two = jnp.asarray([[0.0, np.log(3.0)]])
-  np.testing.assert_allclose(losses.cross_entropy(two, jnp.asarray([0])), [np.log(4.0)],
-                             rtol=1e-6)
-  np.testing.assert_allclose(losses.cross_entropy(two, jnp.asarray([1])), [np.log(4 / 3)],
-                             rtol=1e-6)
+  np.testing.assert_allclose(losses.cross_entropy(two, jnp.asarray([0])), [np.log(4.0)], rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.cross_entropy(two, jnp.asarray([1])), [np.log(4 / 3)], rtol=1e-6
+  )
   # soft targets [B, K]
   q = np.random.default_rng(2).dirichlet(np.ones(5), size=6).astype(np.float32)
   got_soft = np.asarray(losses.cross_entropy(jnp.asarray(s), jnp.asarray(q)))
@@ -244,8 +246,7 @@ def test_cross_entropy_bfloat16_computed_in_float32():
   z = jnp.asarray([[3.0, 1.0, -2.0]], jnp.bfloat16)
   got = losses.cross_entropy(z, jnp.asarray([2]))
   assert got.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(got), -np_log_softmax([[3.0, 1.0, -2.0]])[:, 2],
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got), -np_log_softmax([[3.0, 1.0, -2.0]])[:, 2], rtol=1e-6)
 
 
 @pytest.mark.parametrize("tau", [1.0, 4.0, 7.0])
@@ -277,21 +278,22 @@ def test_kd_loss_limits_and_mixture(logits):
   s, t, y = (jnp.asarray(a) for a in logits)
   tau = 4.0
   ce = np.asarray(losses.cross_entropy(s, y))
-  kd = tau ** 2 * np_kl(logits[1], logits[0], tau)
+  kd = tau**2 * np_kl(logits[1], logits[0], tau)
   np.testing.assert_allclose(losses.kd_loss(s, t, y, temperature=tau, alpha=1.0), ce, rtol=1e-6)
   np.testing.assert_allclose(losses.kd_loss(s, t, y, temperature=tau, alpha=0.0), kd, rtol=1e-4)
   mix = losses.kd_loss(s, t, y, temperature=tau, alpha=0.3)
   assert mix.shape == (6,)
   np.testing.assert_allclose(mix, 0.3 * ce + 0.7 * kd, rtol=1e-4)
   # teacher == student: only the hard term is left
-  np.testing.assert_allclose(losses.kd_loss(s, s, y, temperature=tau, alpha=0.3), 0.3 * ce,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    losses.kd_loss(s, s, y, temperature=tau, alpha=0.3), 0.3 * ce, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_kd_loss_unlabelled_uses_kd_term_only(logits):
   s, t, y = (jnp.asarray(a) for a in logits)
   tau = 7.0
-  kd = tau ** 2 * np_kl(logits[1], logits[0], tau)
+  kd = tau**2 * np_kl(logits[1], logits[0], tau)
   ce = np.asarray(losses.cross_entropy(s, y))
   y_part = y.at[jnp.asarray([1, 4])].set(-1)
   got = np.asarray(losses.kd_loss(s, t, y_part, temperature=tau, alpha=0.6))
@@ -299,8 +301,7 @@ def test_kd_loss_unlabelled_uses_kd_term_only(logits):
   expect[[1, 4]] = kd[[1, 4]]
   np.testing.assert_allclose(got, expect, rtol=1e-4)
   # labels=None: every example unlabelled
-  np.testing.assert_allclose(losses.kd_loss(s, t, None, temperature=tau, alpha=0.6), kd,
-                             rtol=1e-4)
+  np.testing.assert_allclose(losses.kd_loss(s, t, None, temperature=tau, alpha=0.6), kd, rtol=1e-4)
   # an explicit mask overrides labels >= 0
   mask = jnp.asarray([True, True, False, True, True, False])
   got_mask = np.asarray(losses.kd_loss(s, t, y, temperature=tau, alpha=0.6, labelled=mask))

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 EXPERIMENT_FILE = "experiment.json"
@@ -70,6 +71,61 @@ class PhaseCheckpoints:
     """Finishes pending saves and releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
+  """One network of the newest readable checkpoint in ``folder``, as numpy arrays.
+
+  No target structure is needed and the arrays do not depend on the devices
+  that wrote them, so a checkpoint from a GPU run reads on a laptop. A step that
+  fails to read (e.g. cut short on disk) falls back to the next older one.
+
+  Args:
+    folder: a ``checkpoints/PHASE`` folder.
+    net: "teacher" or "student".
+
+  Returns:
+    (params, model_state, step).
+
+  Raises:
+    FileNotFoundError: no complete checkpoint in ``folder``.
+    RuntimeError: none of them could be read (the last error is named).
+  """
+  from absl import logging as absl_logging
+
+  steps = (
+    sorted(
+      (
+        int(d)
+        for d in os.listdir(folder)
+        if d.isdigit() and os.path.isdir(os.path.join(folder, d, "state"))
+      ),
+      reverse=True,
+    )
+    if os.path.isdir(folder)
+    else []
+  )
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint in {folder}")
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs missing optional metadata
+  try:
+    ckptr = ocp.PyTreeCheckpointer()
+    error: Exception | None = None
+    for step in steps:
+      path = os.path.join(folder, str(step), "state")
+      try:
+        meta = ckptr.metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = ckptr.restore(path, restore_args=args)
+        return state[net]["params"], state[net].get("model_state") or {}, step
+      except Exception as err:  # noqa: BLE001 - try the next older step
+        error = err
+    raise RuntimeError(f"{folder}: {error}")
+  finally:
+    absl_logging.set_verbosity(verbosity)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdaif_jax import _report_plots as plots
-from kdaif_jax import models, scoring
+from kdaif_jax import checkpoint, models, scoring
 
 _GRID = 12  # examples per grid
 _WEIGHT_COLUMNS = ("id", "label", "clean_label", "noisy", "influence", "weight")
@@ -285,41 +285,8 @@ def _image_shape(cfg_data: dict) -> tuple[int, int, int] | None:
 
 
 def _restore_net(workdir: str, phase: str, net: str) -> tuple[Any, Any, int]:
-  """(params, model_state, step) of ``net`` in the newest readable checkpoint of ``phase``,
-  restored as numpy arrays (independent of the devices that wrote it)."""
-  import orbax.checkpoint as ocp
-  from absl import logging as absl_logging
-
-  folder = os.path.join(workdir, "checkpoints", phase)
-  steps = sorted(
-    (
-      int(d)
-      for d in os.listdir(folder)
-      if d.isdigit() and os.path.isdir(os.path.join(folder, d, "state"))
-    ),
-    reverse=True,
-  )
-  if not steps:
-    raise FileNotFoundError(f"no complete checkpoint in checkpoints/{phase}")
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs missing optional metadata
-  try:
-    ckptr = ocp.PyTreeCheckpointer()
-    error: Exception | None = None
-    for step in steps:
-      path = os.path.join(folder, str(step), "state")
-      try:
-        meta = ckptr.metadata(path)
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-        state = ckptr.restore(path, restore_args=args)
-        return state[net]["params"], state[net].get("model_state") or {}, step
-      except Exception as err:  # noqa: BLE001 - try the next older step
-        error = err
-    raise RuntimeError(f"checkpoints/{phase}: {error}")
-  finally:
-    absl_logging.set_verbosity(verbosity)
+  """(params, model_state, step) of ``net`` in the newest readable checkpoint of ``phase``."""
+  return checkpoint.restore_net_arrays(os.path.join(workdir, "checkpoints", phase), net)
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,313 @@
+"""The step loop shared by every phase: the run context, sharded outer steps,
+evaluation, checkpointed epochs with logs and progress.
+
+``trainer`` builds a ``Run`` once and drives the phases through ``run_phase``.
+The outer steps gather the batch from device-resident arrays, draw the
+augmented views for the GLOBAL batch, and call the per-device step under
+``jax.shard_map``; all of it is one jitted function per step kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from kdaif_jax import checkpoint, data, models, parallel
+from kdaif_jax import step as step_lib
+from kdaif_jax.logs import MetricsWriter, Progress, log
+from kdaif_jax.parallel import BATCH, REPLICATED
+
+
+@dataclasses.dataclass
+class Run:
+  """What every phase needs (built once)."""
+
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  ds: data.Dataset
+  arrays: dict
+  teacher: models.Model
+  student: models.Model
+  prepare: Any
+  weak: Any
+  strong: Any
+  writer: MetricsWriter
+  steps_per_epoch: int
+  times: dict
+  rates: dict
+
+  @property
+  def student_steps_per_epoch(self) -> int:
+    """An SSL epoch is one pass over the unlabelled set."""
+    if not self.semi_supervised:
+      return self.steps_per_epoch
+    return len(self.ds.unlabelled) // (self.cfg.batch_size * self.cfg.ssl.unlabelled_ratio)
+
+  @property
+  def semi_supervised(self) -> bool:
+    return self.ds.unlabelled is not None
+
+  @property
+  def scored(self) -> data.Split:
+    """The split whose examples get influence weights (unlabelled in SSL)."""
+    return self.ds.unlabelled if self.semi_supervised else self.ds.train
+
+
+def batch_key(state, salt: int) -> jax.Array:
+  return jax.random.fold_in(
+    jax.random.fold_in(jax.random.wrap_key_data(state.key), salt), state.step
+  )
+
+
+# --------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------
+
+
+@functools.cache
+def _eval_fn(model: models.Model, prepare, mesh):
+  fn = step_lib.make_eval_step(model, prepare)
+  return jax.jit(
+    parallel.shard_map(fn, mesh, (REPLICATED, REPLICATED, BATCH, BATCH, BATCH), (REPLICATED, BATCH))
+  )
+
+
+def evaluate(
+  run: Run,
+  model: models.Model,
+  net: step_lib.NetState,
+  split: data.Split,
+  return_logits: bool = False,
+) -> dict:
+  """Accuracy and mean CE of ``net`` on ``split`` (clean labels), chunked and sharded."""
+  fn = _eval_fn(model, run.prepare, run.mesh)
+  ndev = run.mesh.shape[parallel.AXIS]
+  size = max(ndev, run.cfg.eval_batch_size // ndev * ndev)
+  n = len(split)
+  tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  logits = []
+  for start in range(0, n, size):
+    idx = np.arange(start, start + size)
+    mask = idx < n
+    idx = np.where(mask, idx, 0)
+    sums, lg = fn(net.params, net.model_state, split.images[idx], split.clean_labels[idx], mask)
+    for k, v in jax.device_get(sums).items():
+      tot[k] += float(v)
+    if return_logits:
+      logits.append(np.asarray(lg)[mask])
+  out = {
+    "accuracy": tot["correct"] / max(tot["count"], 1.0),
+    "loss": tot["loss"] / max(tot["count"], 1.0),
+  }
+  if return_logits:
+    out["logits"] = np.concatenate(logits) if logits else np.zeros((0, model.num_classes))
+  return out
+
+
+def eval_and_log(
+  run: Run, state: step_lib.TrainState, phase: str, epoch: int, nets: tuple[str, ...]
+) -> dict:
+  results = {}
+  for name in nets:
+    model = run.teacher if name == "teacher" else run.student
+    for split_name in ("val", "test"):
+      r = evaluate(run, model, eval_net(run, state, name), getattr(run.ds, split_name))
+      results[(name, split_name)] = r
+      run.writer.write(
+        {
+          "kind": "eval",
+          "phase": phase,
+          "net": name,
+          "split": split_name,
+          "step": int(state.step),
+          "epoch": epoch,
+          **r,
+        }
+      )
+  return results
+
+
+# --------------------------------------------------------------------------
+# Phases
+# --------------------------------------------------------------------------
+
+
+def _val_sampler(run: Run):
+  """``(state, arrays) -> val batch``: the whole validation set (trimmed to a
+  multiple of the device count) or ``kdaif.val_batch_size`` examples drawn per step."""
+  ndev = run.mesh.shape[parallel.AXIS]
+  n_val = run.arrays["val_labels"].shape[0]
+  vb = min(run.cfg.kdaif.val_batch_size or n_val, n_val) // ndev * ndev
+
+  def sample(state, arrays):
+    if vb == n_val:
+      vidx = jnp.arange(vb)
+    else:
+      vidx = jax.random.choice(batch_key(state, 6), n_val, (vb,), replace=False)
+    return {"images": arrays["val_images"][vidx], "labels": arrays["val_labels"][vidx]}
+
+  return sample
+
+
+def _record(cfg, state, idx, scores, w):
+  if cfg.kdaif.mechanism in ("online", "joint", "small_loss"):
+    state = state.replace(
+      last_scores=state.last_scores.at[idx].set(scores),
+      last_weights=state.last_weights.at[idx].set(w),
+    )
+  return state
+
+
+def sharded_train_fn(run: Run, per_device, with_val: bool):
+  """Jits the outer step: gather the batch from device arrays, run per device, record."""
+  cfg, bsz = run.cfg, run.cfg.batch_size
+  if with_val:
+    sm = parallel.shard_map(
+      per_device, run.mesh, (REPLICATED, BATCH, BATCH), (REPLICATED, REPLICATED, BATCH)
+    )
+  else:
+    sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH), (REPLICATED, REPLICATED))
+  val_batch = _val_sampler(run)
+
+  def outer(state, arrays, perm, i):
+    idx = jax.lax.dynamic_slice_in_dim(perm, i * bsz, bsz)
+    images = run.weak(batch_key(state, 1), arrays["train_images"][idx])
+    batch = {
+      "images": images,
+      "labels": arrays["train_labels"][idx],
+      "noisy": arrays["train_noisy"][idx],
+      "weights": state.example_weights[idx],
+    }
+    if not with_val:
+      return sm(state, {"images": batch["images"], "labels": batch["labels"]})
+    state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
+    return _record(cfg, state, idx, scores, w), metrics
+
+  return jax.jit(outer, donate_argnums=(0,))
+
+
+def sharded_ssl_fn(run: Run, per_device):
+  """Outer SSL step: epochs run over the unlabelled set; labelled examples are
+  drawn per step (without replacement within the step) from the labelled set."""
+  cfg = run.cfg
+  bl = cfg.batch_size
+  bu = bl * cfg.ssl.unlabelled_ratio
+  n_lab = len(run.ds.train)
+  sm = parallel.shard_map(
+    per_device, run.mesh, (REPLICATED, BATCH, BATCH), (REPLICATED, REPLICATED, BATCH)
+  )
+  val_batch = _val_sampler(run)
+
+  def outer(state, arrays, perm, i):
+    uidx = jax.lax.dynamic_slice_in_dim(perm, i * bu, bu)
+    lidx = jax.random.choice(batch_key(state, 2), n_lab, (bl,), replace=bl > n_lab)
+    unl = arrays["unl_images"][uidx]
+    batch = {
+      "lab_images": run.weak(batch_key(state, 3), arrays["train_images"][lidx]),
+      "lab_labels": arrays["train_labels"][lidx],
+      "unl_weak": run.weak(batch_key(state, 4), unl),
+      "unl_strong": run.strong(batch_key(state, 5), unl),
+    }
+    state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
+    return _record(cfg, state, uidx, scores, w), metrics
+
+  return jax.jit(outer, donate_argnums=(0,))
+
+
+def scored_arrays(run: Run) -> dict:
+  """The device arrays of the scored split under the names the scorer reads."""
+  if not run.semi_supervised:
+    return run.arrays
+  return {
+    **run.arrays,
+    "train_images": run.arrays["unl_images"],
+    "train_labels": run.arrays["unl_labels"],
+  }
+
+
+def eval_net(run: Run, state: step_lib.TrainState, name: str) -> step_lib.NetState:
+  """The network evaluated as ``name``: the student's EMA params when ``ssl.ema`` > 0."""
+  net = getattr(state, name)
+  if name == "student" and run.semi_supervised and run.cfg.ssl.ema > 0:
+    net = net.replace(params=state.ema)
+  return net
+
+
+def _epoch_perm(key: jax.Array, epoch: int, n: int) -> jax.Array:
+  return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+
+
+def run_phase(
+  run: Run,
+  phase: str,
+  state: step_lib.TrainState,
+  epochs: int,
+  step_fns: dict,
+  ckpt: checkpoint.PhaseCheckpoints,
+  eval_nets: tuple[str, ...],
+  on_epoch_start=None,
+  student_data: bool = False,
+) -> step_lib.TrainState:
+  """Steps ``state`` through ``epochs`` epochs with checkpoints, logs and evals.
+
+  ``student_data``: epochs run over the scored split (the unlabelled set in SSL)
+  rather than the labelled training split.
+  """
+  cfg = run.cfg
+  spe = run.student_steps_per_epoch if student_data else run.steps_per_epoch
+  n = len(run.scored) if student_data else len(run.ds.train)
+  # Every leaf placed on the mesh, or jit compiles the step twice (placed/unplaced inputs).
+  state = parallel.replicate(state, run.mesh)
+  total = epochs * spe
+  start = int(state.step)
+  # crc32, not hash(): str hashes change between processes, and a resumed run must
+  # see the same epoch order.
+  perm_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(phase.encode()) % (2**31))
+  progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
+  t0 = time.time()
+  refresh_every = cfg.kdaif.refresh_every
+  perm, perm_epoch = None, -1
+  step = start
+  while step < total:
+    epoch, i = divmod(step, spe)
+    if epoch != perm_epoch:
+      if i == 0 and on_epoch_start is not None:
+        state = on_epoch_start(state, epoch)
+      perm, perm_epoch = _epoch_perm(perm_key, epoch, n), epoch
+    fn = step_fns["refresh"] if step % refresh_every == 0 else step_fns["stale"]
+    state, metrics = fn(state, run.arrays, perm, i)
+    step += 1
+    if step % cfg.log_every_steps == 0 or step == total:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      run.writer.write({"kind": "train", "phase": phase, "step": step, "epoch": epoch, **m})
+      progress.update(step, {"loss": m["loss"], "acc": m["accuracy"]})
+    else:
+      progress.update(step)
+    if step % spe == 0 and ((step // spe) % cfg.eval_every_epochs == 0 or step == total):
+      eval_and_log(run, state, phase, step // spe, eval_nets)
+    if step % cfg.checkpoint_every_steps == 0 or step == total:
+      ckpt.save(step, state, {"elapsed": run.times.get(phase, 0.0) + time.time() - t0})
+  ckpt.wait()
+  run.times[phase] = run.times.get(phase, 0.0) + time.time() - t0
+  run.rates[phase] = progress.close()
+  return state
+
+
+def restore_or(run: Run, phase: str, state: step_lib.TrainState):
+  ckpt = checkpoint.PhaseCheckpoints(run.workdir, phase)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, record = ckpt.restore(state, latest)
+    state = parallel.replicate(state, run.mesh)
+    run.times[phase] = float(record.get("elapsed", 0.0))
+    log.info("%s: resumed from checkpoint at step %d", phase, latest)
+  return state, ckpt

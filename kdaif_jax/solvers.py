@@ -1,0 +1,223 @@
+"""Inverse solves on pytrees: conjugate gradient and LiSSA.
+
+Both solve (A + λI) x = b for a linear map A given as a function on pytrees
+(a Hessian- or Gauss-Newton-vector product from ``kdaif_jax.influence``), are
+pure and jittable, and report a ``SolveInfo``. Re-exported by
+``kdaif_jax.influence``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from optax import tree_utils as otu
+
+from kdaif_jax import _checks
+
+PyTree = Any
+Matvec = Callable[[PyTree], PyTree]
+
+
+class SolveInfo(NamedTuple):
+  """Diagnostics of an inverse solve (all jnp scalars, so jittable).
+
+  iterations: int32, matvec iterations that changed x.
+  residual: relative residual ||b - (A + λI) x|| / ||b||.
+  negative_curvature: bool, a search direction with pᵀ(A + λI)p ≤ 0 was met
+    (CG stopped there; raise the damping or use the Gauss-Newton curvature).
+  finite: bool, x is finite.
+  """
+
+  iterations: jax.Array
+  residual: jax.Array
+  negative_curvature: jax.Array
+  finite: jax.Array
+
+
+def default_unroll() -> bool:
+  """Whether solvers unroll their fixed iterations by default.
+
+  True on CPU: XLA:CPU runs convolutions inside ``while`` bodies about 20x
+  slower than outside them (bench/influence_cost.py measures it); a loop is
+  cheaper to compile and as fast on GPU/TPU.
+  """
+  return jax.default_backend() == "cpu"
+
+
+def cg_solve(
+  matvec: Matvec,
+  b: PyTree,
+  *,
+  damping: float | jax.Array = 0.0,
+  maxiter: int = 10,
+  tol: float = 1e-6,
+  x0: PyTree | None = None,
+  unroll: bool | None = None,
+) -> tuple[PyTree, SolveInfo]:
+  """Solves (A + damping·I) x = b by conjugate gradient on pytrees.
+
+  A must be symmetric; CG converges for A + λI positive definite. When a
+  direction of non-positive curvature appears (indefinite Hessian), CG stops
+  there, keeps the last iterate and sets ``info.negative_curvature``.
+
+  Args:
+    matvec: linear map v -> A v on pytrees like ``b``.
+    b: right-hand side pytree.
+    damping: λ ≥ 0 added to the diagonal.
+    maxiter: maximum number of iterations (≥ 1); each costs one ``matvec``.
+    tol: stop when ||r|| ≤ tol·||b|| (relative residual).
+    x0: warm start (pytree like ``b``); zeros when None. Started from the
+      answer, CG takes 0 iterations.
+    unroll: True unrolls the ``maxiter`` iterations in the traced program (fast
+      on XLA:CPU; converged iterations are masked out), False uses
+      ``lax.while_loop`` (stops early; best on GPU/TPU). None: ``default_unroll()``.
+
+  Returns:
+    ``(x, info)``: x a pytree like ``b``; ``info`` a ``SolveInfo``.
+  """
+  _checks.check_nonnegative(damping, "damping")
+  _checks.check_positive_int(maxiter, "maxiter")
+  _checks.check_finite_tree(b, "b")
+  if x0 is not None:
+    _checks.check_tree_match(b, x0, "x0", "b")
+  unroll = default_unroll() if unroll is None else unroll
+  damped = lambda v: otu.tree_add_scale(matvec(v), damping, v)
+
+  x = otu.tree_zeros_like(b) if x0 is None else x0
+  r = b if x0 is None else otu.tree_sub(b, damped(x0))
+  bb = otu.tree_vdot(b, b)
+  threshold = jnp.square(tol) * bb
+  rr = otu.tree_vdot(r, r)
+  zero = jnp.zeros((), jnp.int32)
+  state = (x, r, r, rr, zero, jnp.zeros((), bool), rr > threshold)
+
+  def body(state):
+    x, r, p, rr, it, neg, active = state
+    ap = damped(p)
+    pap = otu.tree_vdot(p, ap)
+    bad = pap <= 0
+    step = active & ~bad
+    alpha = jnp.where(step, rr / jnp.where(bad, 1.0, pap), 0.0)
+    x = otu.tree_add_scale(x, alpha, p)
+    r = otu.tree_add_scale(r, -alpha, ap)
+    rr_new = jnp.where(step, otu.tree_vdot(r, r), rr)
+    beta = jnp.where(step, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0)
+    p = jax.tree.map(lambda ri, pi: jnp.where(step, ri + beta * pi, pi), r, p)
+    neg = neg | (active & bad)
+    it = it + step.astype(jnp.int32)
+    active = step & (rr_new > threshold)
+    return x, r, p, rr_new, it, neg, active
+
+  if unroll:
+    for _ in range(maxiter):
+      state = body(state)
+  else:
+    cond = lambda s: s[6] & (s[4] < maxiter)
+    state = jax.lax.while_loop(cond, body, state)
+  x, _, _, rr, it, neg, _ = state
+  info = SolveInfo(
+    iterations=it,
+    residual=jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0)),
+    negative_curvature=neg,
+    finite=tree_isfinite(x),
+  )
+  return x, info
+
+
+def lissa(
+  matvec: Matvec | Sequence[Matvec],
+  b: PyTree,
+  *,
+  damping: float = 0.0,
+  scale: float = 10.0,
+  depth: int = 100,
+  batches: Iterable[Any] | None = None,
+  unroll: bool | None = None,
+) -> tuple[PyTree, SolveInfo]:
+  """Approximates (A + damping·I)⁻¹ b by the (stochastic) Neumann series, LiSSA.
+
+  Agarwal et al. 2017, as used by Koh & Liang: with M = (A + λI)/scale,
+
+      h_0 = b,   h_j = b + (I - M) h_{j-1},   x = h_depth / scale,
+
+  which tends to (A + λI)⁻¹ b when 0 ≺ M ≺ 2I, i.e. ``scale`` above half the
+  largest eigenvalue of A + λI (take ``scale`` ≥ that eigenvalue to be safe).
+  With stochastic matvecs (a new batch per step) it is the unbiased LiSSA
+  estimator; averaging several calls reduces its variance. ``damping`` means
+  the same as in ``cg_solve`` (unlike some LiSSA codes where it is scaled).
+
+  Args:
+    matvec: ``v -> A v``; or a sequence of ``depth`` such maps, one per step
+      (each over its own batch); or, with ``batches``, ``(v, batch) -> A v``.
+    b: right-hand side pytree.
+    damping: λ ≥ 0.
+    scale: the Neumann scale (> 0).
+    depth: number of recursion steps (≥ 1).
+    batches: optional iterable; step j calls ``matvec(v, next(batches))``.
+    unroll: loop unrolling (see ``cg_solve``); a sequence of matvecs or a
+      batch iterator is always unrolled in Python.
+
+  Returns:
+    ``(x, info)`` with ``info.iterations == depth`` and the relative residual
+    measured with the first matvec.
+  """
+  _checks.check_nonnegative(damping, "damping")
+  _checks.check_positive_int(depth, "depth")
+  if not (isinstance(scale, jax.core.Tracer) or float(scale) > 0):
+    raise ValueError(f"scale must be > 0, got {scale}")
+  _checks.check_finite_tree(b, "b")
+  if isinstance(matvec, Sequence):
+    if len(matvec) != depth:
+      raise ValueError(f"lissa got {len(matvec)} matvecs but depth={depth}; pass one per step")
+    steps = list(matvec)
+    first = steps[0]
+  elif batches is not None:
+    batch_list = list(itertools.islice(iter(batches), depth))
+    if len(batch_list) < depth:
+      raise ValueError(
+        f"lissa got {len(batch_list)} batches but depth={depth}; pass at least one batch per step"
+      )
+    steps = [functools.partial(_call_with_batch, matvec, batch=bt) for bt in batch_list]
+    first = steps[0]
+  else:
+    steps = None
+    first = matvec
+
+  def step(h, mv):
+    mh = otu.tree_add_scale(mv(h), damping, h)
+    return jax.tree.map(lambda bi, hi, mi: bi + hi - mi / scale, b, h, mh)
+
+  h = b
+  unroll = default_unroll() if unroll is None else unroll
+  if steps is not None:
+    for mv in steps:
+      h = step(h, mv)
+  elif unroll:
+    for _ in range(depth):
+      h = step(h, first)
+  else:
+    h = jax.lax.fori_loop(0, depth, lambda _, h: step(h, first), h)
+  x = otu.tree_scale(1.0 / scale, h)
+  r = otu.tree_sub(b, otu.tree_add_scale(first(x), damping, x))
+  bb = otu.tree_vdot(b, b)
+  info = SolveInfo(
+    iterations=jnp.asarray(depth, jnp.int32),
+    residual=jnp.sqrt(otu.tree_vdot(r, r) / jnp.where(bb > 0, bb, 1.0)),
+    negative_curvature=jnp.zeros((), bool),
+    finite=tree_isfinite(x),
+  )
+  return x, info
+
+
+def _call_with_batch(matvec, v, *, batch):
+  return matvec(v, batch)
+
+
+def tree_isfinite(tree: PyTree) -> jax.Array:
+  """Scalar bool: every leaf of ``tree`` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

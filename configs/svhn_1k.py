@@ -21,45 +21,14 @@ from kdaif_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
-  c = config_lib.base_config()
+  c = config_lib.wrn_ssl_recipe(config_lib.base_config())
   c.data.name = "svhn_cropped"
   c.data.num_labelled = 1000
   c.data.val_size = 1000
-  c.batch_size = 64
-  c.eval_batch_size = 1000
-  c.augment.pad, c.augment.flip = 2, False
-  c.teacher.model = c.student.model = "wrn_28_2"
+  c.augment.pad, c.augment.flip = 2, False  # no mirrored digits
   c.teacher.epochs = 400  # 15 steps per epoch over the 1,000 labels
   c.student.epochs = 1300  # ~160 steps per epoch over ~71k unlabelled images
-  for net in ("teacher", "student"):
-    c[net].optimizer.update(
-      name="sgd",
-      lr=0.05,
-      momentum=0.9,
-      nesterov=True,
-      weight_decay=5e-4,
-      schedule="cosine",
-      warmup_epochs=5.0,
-    )
-  c.kd.temperature = 1.0
-  c.kdaif.mechanism = "joint"
-  c.kdaif.val_batch_size = 512
-  c.kdaif.cg_iters = 3
-  c.kdaif.refresh_every = 5
-  c.kdaif.joint.update(mu=1.0, lr=0.05)
-  c.ssl.update(
-    unlabelled_ratio=7,
-    targets="soft",
-    uda_weight=1.0,
-    uda_threshold=0.8,
-    uda_temperature=0.4,
-    ema=0.999,
-    finetune_epochs=500,
-    finetune_lr=0.01,
-  )
-  c.ssl.strong.update(num_ops=2, magnitude=10.0, cutout=16)
-  c.log_every_steps = 100
-  c.checkpoint_every_steps = 2000
+  c.ssl.finetune_epochs = 500  # ~8k steps, as MPL
   if arg == "smoke":
     c = config_lib.smoke(c)
   return c

@@ -88,6 +88,49 @@ def unroll_option(option: str) -> bool | None:
   return {"auto": None, "unroll": True, "loop": False}[option]
 
 
+def wrn_ssl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The anchors' semi-supervised protocol (UDA / FixMatch / Meta Pseudo Labels).
+
+  WRN-28-2 teacher and student, labelled batch 64 with 7x as many unlabelled,
+  SGD 0.05 Nesterov with cosine decay and 5 warm-up epochs, weight decay 5e-4,
+  RandAugment (2 ops, magnitude 10) + Cutout 16 strong views, UDA consistency on
+  the teacher (threshold 0.8, sharpening 0.4), KD-AIF `joint`, EMA 0.999, and a
+  final fine-tuning on the labels. Datasets set name, sizes, flips and epochs.
+  """
+  c.batch_size = 64
+  c.eval_batch_size = 1000
+  c.teacher.model = c.student.model = "wrn_28_2"
+  for net in ("teacher", "student"):
+    c[net].optimizer.update(
+      name="sgd",
+      lr=0.05,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+      schedule="cosine",
+      warmup_epochs=5.0,
+    )
+  c.kd.temperature = 1.0
+  c.kdaif.mechanism = "joint"
+  c.kdaif.val_batch_size = 512
+  c.kdaif.cg_iters = 3
+  c.kdaif.refresh_every = 5
+  c.kdaif.joint.update(mu=1.0, lr=0.05)
+  c.ssl.update(
+    unlabelled_ratio=7,
+    targets="soft",
+    uda_weight=1.0,
+    uda_threshold=0.8,
+    uda_temperature=0.4,
+    ema=0.999,
+    finetune_lr=0.01,
+  )
+  c.ssl.strong.update(num_ops=2, magnitude=10.0, cutout=16)
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  return c
+
+
 def _fail(option: str, value: Any, allowed: str) -> None:
   raise ValueError(f"config.{option}={value!r} is invalid; allowed: {allowed}")
 

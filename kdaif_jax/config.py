@@ -178,6 +178,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _number(cfg, f"{net}.optimizer.momentum", 0, 1)
     _number(cfg, f"{net}.optimizer.weight_decay", 0)
     _number(cfg, f"{net}.optimizer.warmup_epochs", 0)
+    _number(cfg, f"{net}.optimizer.clip_norm", 0)
   _number(cfg, "teacher.epochs", 0 if cfg.teacher.init else 1, integer=True)
   _number(cfg, "student.epochs", 1, integer=True)
   _number(cfg, "batch_size", 1, integer=True)

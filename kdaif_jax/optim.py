@@ -50,15 +50,18 @@ def make_optimizer(
     optax GradientTransformation.
   """
   lr = make_schedule(cfg, steps_per_epoch, epochs)
+  clip = cfg.get("clip_norm", 0.0)
+  head = [optax.clip_by_global_norm(clip)] if clip else []
   if cfg.name == "sgd":
     # Coupled L2 decay as in the distillation papers' PyTorch SGD.
     return optax.chain(
+      *head,
       optax.add_decayed_weights(cfg.weight_decay),
       optax.sgd(lr, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
     )
   if cfg.name == "adam":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
-  return optax.adamw(lr, weight_decay=cfg.weight_decay)
+    return optax.chain(*head, optax.add_decayed_weights(cfg.weight_decay), optax.adam(lr))
+  return optax.chain(*head, optax.adamw(lr, weight_decay=cfg.weight_decay))
 
 
 def default_optimizer_config(lr: float = 0.05) -> ml_collections.ConfigDict:
@@ -74,5 +77,6 @@ def default_optimizer_config(lr: float = 0.05) -> ml_collections.ConfigDict:
       decay_epochs=(),
       decay_factor=0.1,
       warmup_epochs=0.0,
+      clip_norm=0.0,  # > 0: clip the global gradient norm first
     )
   )

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
       schedule="step",
       decay_epochs=(150, 180, 210),
       decay_factor=0.1,
+      clip_norm=0.0,
     )
   c.kd.temperature = 4.0
   c.kd.alpha = 0.1  # CRD's KD baseline: 0.1 CE + 0.9 KD

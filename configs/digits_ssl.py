@@ -26,6 +26,7 @@ def get_config(arg: str | None = None):
   c.teacher.epochs = 60
   c.student.epochs = 30
   c.teacher.optimizer.lr = 0.03
+  c.teacher.optimizer.clip_norm = 0.0  # 100 labels, 60 epochs: stable without clipping
   # The student's loss on strongly augmented unlabelled images diverged at lr 0.03
   # on one seed of three (test accuracy 78% -> 25% within an epoch); lr 0.01 with
   # gradient clipping is stable (bench/accuracy_ssl.py, BENCHMARKS.md).

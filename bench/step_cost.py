@@ -292,8 +292,11 @@ def print_table(pair: dict) -> None:
       if plain
       else (f"{pair['ratios_to_plain'][name]:.2f}" if name in pair["ratios_to_plain"] else "-")
     )
-    gflop = "?" if not r["flops"] else (f"{r['flops'] / 1e9:.0f}" if r["flops"] >= 1e10
-                                        else f"{r['flops'] / 1e9:.2g}")
+    gflop = (
+      "?"
+      if not r["flops"]
+      else (f"{r['flops'] / 1e9:.0f}" if r["flops"] >= 1e10 else f"{r['flops'] / 1e9:.2g}")
+    )
     fratio = (
       "1.00"
       if plain

@@ -28,13 +28,13 @@ from kdaif_jax import influence, losses
 from kdaif_jax.step import (
   NetState,
   TrainState,
-  apply_update,
   device_local,
   feedback_weights,
   online_influence,
   pmean,
   step_key,
   teacher_feedback_loss,
+  update_net,
   weight_metrics,
 )
 
@@ -147,13 +147,12 @@ def make_ssl_step(
       lab = jnp.mean(losses.cross_entropy(logits[:nl], yl))
       unl_per = per_ex(logits[nl:], t_weak)
       unl = jnp.mean(w * unl_per) / denom
-      return lab + ssl.unlabelled_weight * unl, (ms, lab, unl_per, logits[:nl])
+      return lab + ssl.unlabelled_weight * unl, (ms, (lab, unl_per, logits[:nl]))
 
-    (loss, (ms, lab, unl_per, lab_logits)), grads = jax.value_and_grad(student_loss, has_aux=True)(
-      params
+    new_student, loss, (lab, unl_per, lab_logits) = update_net(
+      stu, tx_student, student_loss, axis_name
     )
-    grads, ms, loss, lab = pmean((grads, ms, loss, lab), axis_name)
-    new_student = apply_update(stu, tx_student, grads, ms)
+    lab = pmean(lab, axis_name)
     ema = state.ema
     if ssl.ema > 0:
       ema = jax.tree.map(lambda e, p: ssl.ema * e + (1 - ssl.ema) * p, ema, new_student.params)
@@ -198,13 +197,11 @@ def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, 
       )
       uda = jnp.mean(per)
       total = total + ssl.uda_weight * uda
-    return total, (ms, sup, fb, uda)
+    return total, (ms, (sup, fb, uda))
 
-  (loss, (ms, sup, fb, uda)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    device_local(tea.params, axis_name)
-  )
-  grads, ms, loss, sup, fb, uda = pmean((grads, ms, loss, sup, fb, uda), axis_name)
-  return apply_update(tea, tx, grads, ms), {
+  new, loss, (sup, fb, uda) = update_net(tea, tx, loss_fn, axis_name)
+  sup, fb, uda = pmean((sup, fb, uda), axis_name)
+  return new, {
     "teacher_loss": loss,
     "teacher_ce": sup,
     "teacher_feedback": fb,

@@ -110,6 +110,31 @@ def apply_update(net: NetState, tx: optax.GradientTransformation, grads, model_s
   return NetState(optax.apply_updates(net.params, updates), model_state, opt_state)
 
 
+def update_net(
+  net: NetState, tx: optax.GradientTransformation, loss_fn: Callable, axis_name: str | None
+) -> tuple[NetState, jax.Array, Any]:
+  """One data-parallel optax step of ``net``: the pmap-style update every step shares.
+
+  Gradients are taken at ``device_local`` params (so shard_map does not already
+  sum them over devices), then gradients, the new model state and the loss are
+  averaged over ``axis_name`` and applied.
+
+  Args:
+    net: the network's state.
+    tx: its optax transformation.
+    loss_fn: ``params -> (loss, (model_state, aux))`` on the local batch.
+    axis_name: mesh axis, or None.
+
+  Returns:
+    (updated net, global mean loss, aux as returned by ``loss_fn``, not reduced).
+  """
+  (loss, (ms, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    device_local(net.params, axis_name)
+  )
+  grads, ms, loss = pmean((grads, ms, loss), axis_name)
+  return apply_update(net, tx, grads, ms), loss, aux
+
+
 def weight_metrics(w, scores, batch, axis_name) -> dict[str, jax.Array]:
   """Global statistics of the batch's weights (and by flipped/clean label)."""
   ones = jnp.ones_like(w, dtype=bool)
@@ -152,14 +177,9 @@ def make_supervised_step(
 
     def loss_fn(p):
       logits, ms = model.apply(p, cur.model_state, x, True)
-      ce = losses.cross_entropy(logits, y)
-      return jnp.mean(ce), (logits, ms)
+      return jnp.mean(losses.cross_entropy(logits, y)), (ms, logits)
 
-    (loss, (logits, ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      device_local(cur.params, axis_name)
-    )
-    grads, ms, loss = pmean((grads, ms, loss), axis_name)
-    new = apply_update(cur, tx, grads, ms)
+    new, loss, logits = update_net(cur, tx, loss_fn, axis_name)
     acc = pmean(jnp.mean(losses.accuracy(logits, y)), axis_name)
     state = state.replace(step=state.step + 1, **{net: new})
     return state, {"loss": loss, "accuracy": acc}
@@ -247,11 +267,9 @@ def make_kd_step(
     def student_loss(p):
       logits, ms = student.apply(p, stu.model_state, x, True)
       per_ex = kd_per_example(logits, t_logits, y)
-      return jnp.mean(w * per_ex) / denom, (logits, ms, per_ex)
+      return jnp.mean(w * per_ex) / denom, (ms, (logits, per_ex))
 
-    (loss, (logits, ms, per_ex)), grads = jax.value_and_grad(student_loss, has_aux=True)(params)
-    grads, ms, loss = pmean((grads, ms, loss), axis_name)
-    new_student = apply_update(stu, tx_student, grads, ms)
+    new_student, loss, (logits, per_ex) = update_net(stu, tx_student, student_loss, axis_name)
     metrics.update(
       loss=loss,
       kd_loss=pmean(jnp.mean(per_ex), axis_name),
@@ -378,13 +396,11 @@ def _joint_teacher_update(teacher, tea: NetState, tx, x, y, t_logits_eval, score
     ce = losses.cross_entropy(logits, jnp.maximum(y, 0))
     sup = jnp.sum(jnp.where(labelled, ce, 0.0)) / jnp.maximum(jnp.sum(labelled), 1)
     fb = teacher_feedback_loss(logits, pseudo, h)
-    return sup + mu * fb, (ms, sup, fb)
+    return sup + mu * fb, (ms, (sup, fb))
 
-  (loss, (ms, sup, fb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-    device_local(tea.params, axis_name)
-  )
-  grads, ms, loss, sup, fb = pmean((grads, ms, loss, sup, fb), axis_name)
-  return apply_update(tea, tx, grads, ms), {
+  new, loss, (sup, fb) = update_net(tea, tx, loss_fn, axis_name)
+  sup, fb = pmean((sup, fb), axis_name)
+  return new, {
     "teacher_loss": loss,
     "teacher_ce": sup,
     "teacher_feedback": fb,

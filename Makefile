@@ -34,8 +34,8 @@ bench-quick: $(STAMP)
 	$(BIN)/python bench/step_cost.py --quick
 
 lint: $(STAMP)
-	$(BIN)/ruff check kdaif_jax tests bench configs notebooks main.py
-	$(BIN)/ruff format --check kdaif_jax tests bench configs notebooks/_build.py main.py
+	$(BIN)/ruff check kdaif_jax tests bench configs notebooks/*.py main.py
+	$(BIN)/ruff format --check kdaif_jax tests bench configs notebooks/*.py main.py
 
 clean:
 	rm -rf $(VENV) workdirs .pytest_cache

@@ -17,7 +17,7 @@ teacher's test accuracy must then be identical across mechanisms; the bench chec
 
 Mechanism labels: any of ``kdaif_jax.config.MECHANISMS`` (``none`` is plain KD), and
 ``online_identity`` = ``online`` with ``kdaif.solver=identity`` (gradient alignment,
-the Learning-to-Reweight / TracIn baseline of METHOD.md section 7). The small-loss
+the Learning-to-Reweight / TracIn baseline of docs/method.md §7). The small-loss
 baseline is not reachable through the config (``weights.small_loss`` exists but no
 mechanism uses it), so it is not run here.
 

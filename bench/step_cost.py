@@ -135,8 +135,8 @@ def build_inputs(student: models.Model, teacher: models.Model, tx, seed: int = 0
   return state, batch, val
 
 
-def prepare(key, images):
-  del key  # no augmentation: the step's cost, not the augmentation's
+def prepare(images):
+  # No augmentation: the step's cost, not the augmentation's.
   return data.normalize(images, CIFAR_MEAN, CIFAR_STD)
 
 
@@ -215,13 +215,20 @@ def run_pair(
   for name in [n for n in ALL_SETTINGS if n in timed or n in untimed]:
     reps = repeats if name in timed else None
     if name == "teacher_forward":
-      x = prepare(None, batch["images"])
+      x = prepare(batch["images"])
       fn = lambda tp, tms, x: teacher.apply(tp, tms, x, False)[0]
       res[name] = measure(fn, (state.teacher.params, state.teacher.model_state, x), reps, name)
       continue
     cfg, refresh = setting_config(name)
     fn = step_lib.make_kd_step(
-      student, teacher, tx, None, prepare, cfg, refresh=refresh, axis_name=None
+      student,
+      teacher,
+      tx,
+      None,
+      prepare,
+      config_lib.step_options(cfg),
+      refresh=refresh,
+      axis_name=None,
     )
     res[name] = measure(fn, args, reps, name)
   return {"student": student_name, "teacher": teacher_name, "param_counts": counts, "steps": res}

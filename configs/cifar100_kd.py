@@ -4,7 +4,7 @@ CIFAR-100 distillation, resnet32x4 (7.4M) -> resnet8x4 (1.2M), the recipe of
 the distillation papers (CRD, Tian et al. 2020; DKD): 240 epochs, batch 64,
 SGD momentum 0.9, lr 0.05 (0.01 for ShuffleNet/MobileNet students), weight
 decay 5e-4, lr x0.1 at epochs 150, 180 and 210; KD temperature 4; pad-4 crop
-and horizontal flip. Reference (METHOD.md section 6): KD (Hinton) 73.33%,
+and horizontal flip. Reference (docs/method.md §6): KD (Hinton) 73.33%,
 CRD 75.51%, DKD 76.32% top-1 for the student. KD-AIF `online` adds the
 influence weights; expect several GPU-hours for the 240 + 240 epochs
 (teacher from scratch; set `--config.teacher.init=WORKDIR_OF_A_TEACHER_RUN`

@@ -10,7 +10,7 @@ the student on the labelled set (as Meta Pseudo Labels). Validation: 1,000
 class-balanced labelled images held out of the training split (outside the
 4,000). About 300k student steps.
 
-Reference accuracies (METHOD.md section 6, WRN-28-2): Meta Pseudo Labels
+Reference accuracies (docs/method.md §6, WRN-28-2): Meta Pseudo Labels
 96.11 ± 0.07, FixMatch (RA) 95.74 ± 0.05, UDA 94.53 ± 0.18, labelled data only
 82.14 ± 0.25. Expected time: several GPU-hours on one modern GPU (the KD-AIF
 online step costs about 2-3x a plain step, BENCHMARKS.md); not run on this

@@ -7,7 +7,7 @@ Cutout strong views for the student, UDA consistency on the teacher, `joint`
 KD-AIF feedback, EMA, final fine-tuning on the labels. Validation: 1,000
 class-balanced labelled images held out of the training split.
 
-Reference accuracies (METHOD.md section 6, WRN-28-2): Meta Pseudo Labels
+Reference accuracies (docs/method.md §6, WRN-28-2): Meta Pseudo Labels
 98.01 ± 0.07, UDA 97.11 ± 0.17. Expected time: several GPU-hours on one modern
 GPU; not run on this project's CPU machines.
 

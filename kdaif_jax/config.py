@@ -1,9 +1,12 @@
-"""The base experiment config, its validation, and the ``smoke`` shrink.
+"""The base experiment config, its validation, the ``smoke`` shrink, and the
+records the trainer passes down.
 
 Every file in ``configs/`` starts from ``base_config()`` and changes what its
 experiment needs. ``validate(config)`` runs before any data is read or any
 function compiled and raises a one-line ``ValueError`` naming the option and
-what is allowed.
+what is allowed. ``step_options`` and ``scorer_options`` turn a validated
+config into the small typed records of ``kdaif_jax.options``: the config is
+read here, at the edge, and nowhere below the trainer.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from typing import Any
 
 import ml_collections
 
-from kdaif_jax import data, influence, models, optim, weights
+from kdaif_jax import data, influence, losses, models, optim, options, weights
+from kdaif_jax.options import MECHANISMS
 
-MECHANISMS = ("none", "static", "periodic", "online", "joint", "small_loss")
 UNROLL = ("auto", "unroll", "loop")
 PROGRESS = ("auto", "bar", "log", "none")
 SSL_MECHANISMS = ("none", "online", "joint")
@@ -63,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01)),
     )
   )
-  # Semi-supervised (active when data.num_labelled > 0), METHOD.md section 5.
+  # Semi-supervised (active when data.num_labelled > 0), docs/method.md §5.
   c.ssl = ml_collections.ConfigDict(
     dict(
       unlabelled_ratio=7,  # unlabelled batch = ratio x labelled batch (UDA/MPL use 7)
@@ -86,9 +89,79 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def unroll_option(option: str) -> bool | None:
+def _unroll(option: str) -> bool | None:
   """Maps ``kdaif.unroll`` ("auto", "unroll", "loop") to ``cg_solve``'s ``unroll``."""
   return {"auto": None, "unroll": True, "loop": False}[option]
+
+
+def _solver(k: ml_collections.ConfigDict, maxiter: int) -> influence.SolverOptions:
+  return influence.SolverOptions(
+    curvature=k.curvature,
+    solver=k.solver,
+    damping=float(k.damping),
+    maxiter=int(maxiter),
+    tol=float(k.cg_tol),
+    lissa_scale=float(k.lissa_scale),
+    unroll=_unroll(k.unroll),
+  )
+
+
+def kd_options(cfg: ml_collections.ConfigDict) -> losses.KDOptions:
+  """The distillation loss of ``cfg.kd``."""
+  return losses.KDOptions(temperature=float(cfg.kd.temperature), alpha=float(cfg.kd.alpha))
+
+
+def weight_map(cfg: ml_collections.ConfigDict) -> weights.WeightMap:
+  """The weight map of ``cfg.kdaif`` (also the small-loss baseline's temperature)."""
+  return weights.WeightMap(cfg.kdaif.weights, float(cfg.kdaif.weight_temperature))
+
+
+def step_options(
+  cfg: ml_collections.ConfigDict, mechanism: str | None = None
+) -> options.StepOptions:
+  """The record the KD and SSL steps take.
+
+  Args:
+    cfg: a validated experiment config.
+    mechanism: overrides ``kdaif.mechanism`` (the ``static`` proxy student is
+      plain KD: ``"none"``).
+
+  Returns:
+    ``options.StepOptions``.
+  """
+  k, ssl = cfg.kdaif, cfg.ssl
+  return options.StepOptions(
+    mechanism=options.Mechanism(mechanism or k.mechanism),
+    kd=kd_options(cfg),
+    influence=options.InfluenceOptions(
+      solver=_solver(k, k.cg_iters), weights=weight_map(cfg), warm_start=bool(k.warm_start)
+    ),
+    joint_mu=float(k.joint.mu),
+    ssl=options.SSLOptions(
+      targets=ssl.targets,
+      unlabelled_weight=float(ssl.unlabelled_weight),
+      uda_weight=float(ssl.uda_weight),
+      uda_threshold=float(ssl.uda_threshold),
+      uda_temperature=float(ssl.uda_temperature),
+      ema=float(ssl.ema),
+    ),
+  )
+
+
+# The whole-set scorer restarts CG in compiled chunks of at most this many iterations.
+_CG_CHUNK = 10
+
+
+def scorer_options(cfg: ml_collections.ConfigDict) -> options.ScorerOptions:
+  """The record the whole-set scorer takes (``kdaif.whole_set`` and the solver)."""
+  k = cfg.kdaif
+  return options.ScorerOptions(
+    kd=kd_options(cfg),
+    solver=_solver(k, min(k.whole_set.cg_iters, _CG_CHUNK)),
+    total_iters=int(k.whole_set.cg_iters),
+    curvature_size=int(k.whole_set.curvature_size),
+    chunk_size=int(cfg.eval_batch_size),
+  )
 
 
 def wrn_ssl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -10,6 +10,13 @@ training loss, the inverse applied by conjugate gradient (``cg_solve``), the
 stochastic Neumann series (``lissa``) or not at all (``identity``), and all B
 scores of a batch obtained with ONE forward-mode product (``scores``).
 
+The pipeline g_V -> s -> I has one implementation: ``solve_direction`` (g_V
+and s, axis-aware for ``jax.shard_map``) and ``scores`` (I), composed by
+``batch_influence``. The training steps (supervised and semi-supervised) and
+the whole-set scorer all call these, so the dense-oracle tests check the code
+that trains. The curvature products live in ``kdaif_jax.curvature`` and the
+solvers in ``kdaif_jax.solvers``; both are re-exported here.
+
 Sign convention: I_i < 0 means up-weighting example i lowers the validation
 loss (it helps); I_i > 0 means it hurts.
 """
@@ -23,7 +30,15 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from kdaif_jax import _checks
+from kdaif_jax import _checks, parallel
+from kdaif_jax.curvature import (
+  CURVATURES,
+  curvature_matvec,
+  gnvp,
+  hvp,
+  make_gnvp,
+  make_hvp,
+)
 from kdaif_jax.solvers import SolveInfo, cg_solve, default_unroll, lissa, tree_isfinite
 
 __all__ = [
@@ -32,6 +47,7 @@ __all__ = [
   "Influence",
   "PerExampleLoss",
   "SolveInfo",
+  "SolverOptions",
   "batch_influence",
   "cg_solve",
   "curvature_matvec",
@@ -45,130 +61,13 @@ __all__ = [
   "make_gnvp",
   "make_hvp",
   "scores",
+  "solve_direction",
 ]
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
 
 SOLVERS = ("cg", "lissa", "identity")
-CURVATURES = ("ggn", "hessian")
-
-
-# --------------------------------------------------------------------------
-# Curvature-vector products
-# --------------------------------------------------------------------------
-
-
-def hvp(f: Callable[..., jax.Array], params: PyTree, v: PyTree, *args, **kwargs) -> PyTree:
-  """Hessian-vector product ∇²_θ f(θ, *args) · v by forward-over-reverse.
-
-  Computed as ``jax.jvp(jax.grad(f), (θ,), (v,))[1]``: about 1.5x the cost of
-  one gradient, exact (no finite differences).
-
-  Args:
-    f: scalar function ``f(params, *args, **kwargs) -> []``.
-    params: pytree θ at which the Hessian is taken.
-    v: pytree with the same structure, shapes and dtypes as ``params``.
-    *args, **kwargs: extra arguments of ``f`` (not differentiated).
-
-  Returns:
-    Pytree like ``params``: H v.
-
-  Raises:
-    ValueError: ``v`` does not match ``params``, or ``f`` is not scalar.
-  """
-  _checks.check_tree_match(params, v, "v", "params")
-  _checks.check_scalar_fn(f, "f", params, *args, **kwargs)
-  grad_f = lambda p: jax.grad(f)(p, *args, **kwargs)
-  return jax.jvp(grad_f, (params,), (v,))[1]
-
-
-def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree) -> Matvec:
-  """Returns ``v -> ∇²f(params) v`` with the gradient linearised once.
-
-  ``jax.linearize`` runs the forward and backward pass of ``grad f`` once and
-  keeps its residuals, so each later product costs only the linear part. Use
-  this when many products share one ``params`` (an iterative solve).
-
-  Args:
-    f: scalar function of ``params`` alone (close over data).
-    params: pytree θ.
-
-  Returns:
-    A linear function mapping a pytree like ``params`` to H v.
-  """
-  _checks.check_scalar_fn(f, "f", params)
-  _, lin = jax.linearize(jax.grad(f), params)
-  return _checked_matvec(lin, params)
-
-
-def make_gnvp(
-  outputs_fn: Callable[[PyTree], Any],
-  loss_fn: Callable[[Any], jax.Array],
-  params: PyTree,
-) -> Matvec:
-  """Returns the Gauss-Newton product ``v -> Jᵀ H_out J v``, linearised once.
-
-  For a loss of the form L(θ) = loss_fn(outputs_fn(θ)), the generalised
-  Gauss-Newton matrix is G = Jᵀ H_out J with J = ∂outputs/∂θ and H_out the
-  Hessian of ``loss_fn`` in the outputs. For convex ``loss_fn`` (cross-entropy,
-  KL, squared error) G is positive semi-definite whatever the network, so CG
-  on G + λI is stable (Martens 2010; Schraudolph 2002).
-
-  The model is linearised once (one forward pass, residuals kept); each
-  product then costs one linear forward (J v), one output-space HVP and one
-  transposed linear pass (Jᵀ u).
-
-  Args:
-    outputs_fn: ``params -> outputs`` (e.g. logits [B, K]); close over inputs.
-    loss_fn: ``outputs -> []`` scalar loss; close over targets.
-    params: pytree θ.
-
-  Returns:
-    A linear function mapping a pytree like ``params`` to G v.
-  """
-  outputs, jvp_fn = jax.linearize(outputs_fn, params)
-  _checks.check_scalar_fn(loss_fn, "loss_fn", outputs)
-  vjp_fn = jax.linear_transpose(jvp_fn, params)
-  _, out_hvp = jax.linearize(jax.grad(loss_fn), outputs)
-
-  def matvec(v):
-    return vjp_fn(out_hvp(jvp_fn(v)))[0]
-
-  return _checked_matvec(matvec, params)
-
-
-def gnvp(
-  outputs_fn: Callable[[PyTree], Any],
-  loss_fn: Callable[[Any], jax.Array],
-  params: PyTree,
-  v: PyTree,
-) -> PyTree:
-  """Gauss-Newton vector product Jᵀ H_out J v (always PSD for convex losses).
-
-  Args:
-    outputs_fn: ``params -> outputs`` (e.g. logits [B, K]).
-    loss_fn: ``outputs -> []`` scalar loss of the outputs.
-    params: pytree θ.
-    v: pytree like ``params``.
-
-  Returns:
-    Pytree like ``params``: G v with G = Jᵀ ∇²loss_fn(outputs) J.
-  """
-  _checks.check_tree_match(params, v, "v", "params")
-  outputs, jv = jax.jvp(outputs_fn, (params,), (v,))
-  _checks.check_scalar_fn(loss_fn, "loss_fn", outputs)
-  hjv = jax.jvp(jax.grad(loss_fn), (outputs,), (jv,))[1]
-  _, vjp_fn = jax.vjp(outputs_fn, params)
-  return vjp_fn(hjv)[0]
-
-
-def _checked_matvec(fn: Matvec, params: PyTree) -> Matvec:
-  def matvec(v):
-    _checks.check_tree_match(params, v, "v", "params")
-    return fn(v)
-
-  return matvec
 
 
 # --------------------------------------------------------------------------
@@ -240,26 +139,33 @@ class Influence(NamedTuple):
   info: SolveInfo
 
 
-def curvature_matvec(train_loss: PerExampleLoss, params: PyTree, curvature: str = "ggn") -> Matvec:
-  """The curvature of the mean training loss as a linear map, linearised once.
+class SolverOptions(NamedTuple):
+  """How ``(C + λI)⁻¹`` is applied: the keyword arguments of ``solve_direction``.
 
-  Args:
-    train_loss: the batch loss split at the outputs.
-    params: pytree θ.
-    curvature: "ggn" (Gauss-Newton, PSD) or "hessian" (exact, may be indefinite).
+  A small hashable record, so a trainer can build it once from its config and
+  pass it down (``solve_direction(..., **opts._asdict())``).
 
-  Returns:
-    ``v -> C v`` with C the curvature of mean_i ℓ_i(θ).
+  curvature: "ggn" (Gauss-Newton, PSD; default) or "hessian".
+  solver: "cg", "lissa" or "identity" (s = g_V: gradient alignment).
+  damping: λ ≥ 0.
+  maxiter: CG iterations / LiSSA depth.
+  tol: CG relative-residual tolerance.
+  lissa_scale: the LiSSA scale.
+  unroll: unroll the iterations inside ``jit`` (None: by backend, see
+    ``default_unroll``).
   """
-  _checks.check_choice(curvature, "curvature", CURVATURES)
-  mean_loss = lambda out: jnp.mean(train_loss.loss_fn(out))
-  if curvature == "ggn":
-    return make_gnvp(train_loss.outputs_fn, mean_loss, params)
-  return make_hvp(lambda p: mean_loss(train_loss.outputs_fn(p)), params)
+
+  curvature: str = "ggn"
+  solver: str = "cg"
+  damping: float = 0.1
+  maxiter: int = 10
+  tol: float = 1e-6
+  lissa_scale: float = 10.0
+  unroll: bool | None = None
 
 
 def inverse_hvp(
-  matvec: Matvec,
+  matvec: Matvec | None,
   b: PyTree,
   *,
   solver: str = "cg",
@@ -273,7 +179,7 @@ def inverse_hvp(
   """Applies (C + λI)⁻¹ to b with the named solver.
 
   Args:
-    matvec: ``v -> C v``.
+    matvec: ``v -> C v`` (unused, and may be None, for ``identity``).
     b: right-hand side pytree.
     solver: "cg" (warm-started from ``x0``), "lissa" (``maxiter`` steps of the
       Neumann series with ``lissa_scale``) or "identity" (returns b: gradient
@@ -285,13 +191,76 @@ def inverse_hvp(
     ``(s, info)``.
   """
   _checks.check_choice(solver, "solver", SOLVERS)
+  if solver == "identity":
+    _checks.check_finite_tree(b, "b")
+    zero = jnp.zeros((), jnp.int32)
+    return b, SolveInfo(zero, jnp.zeros(()), jnp.zeros((), bool), tree_isfinite(b))
+  if matvec is None:
+    raise ValueError(f"solver={solver!r} needs a curvature matvec, got None")
   if solver == "cg":
     return cg_solve(matvec, b, damping=damping, maxiter=maxiter, tol=tol, x0=x0, unroll=unroll)
-  if solver == "lissa":
-    return lissa(matvec, b, damping=damping, scale=lissa_scale, depth=maxiter, unroll=unroll)
-  _checks.check_finite_tree(b, "b")
-  zero = jnp.zeros((), jnp.int32)
-  return b, SolveInfo(zero, jnp.zeros(()), jnp.zeros((), bool), tree_isfinite(b))
+  return lissa(matvec, b, damping=damping, scale=lissa_scale, depth=maxiter, unroll=unroll)
+
+
+def solve_direction(
+  params: PyTree,
+  train_loss: PerExampleLoss,
+  val_loss_fn: Callable[[PyTree], jax.Array],
+  *,
+  curvature: str = "ggn",
+  solver: str = "cg",
+  damping: float = 0.1,
+  maxiter: int = 10,
+  tol: float = 1e-6,
+  x0: PyTree | None = None,
+  lissa_scale: float = 10.0,
+  unroll: bool | None = None,
+  axis_name: str | None = None,
+) -> tuple[PyTree, PyTree, SolveInfo]:
+  """Steps 1-2 of docs/method.md §1: g_V = ∇L_V(θ) and s = (C + λI)⁻¹ g_V.
+
+  The one place the inverse-curvature direction is computed: the online steps
+  (supervised and semi-supervised) and the whole-set scorer all call it.
+
+  Axis-aware: inside ``jax.shard_map`` pass the mesh axis; each device then
+  holds a shard of the training batch (and of the validation batch), and g_V
+  and every curvature product are averaged over devices with ``pmean``, so the
+  result is that of the global batch. With ``axis_name=None`` it is the plain
+  single-device computation.
+
+  Args:
+    params: pytree θ (replicated across devices when ``axis_name`` is set).
+    train_loss: per-example training loss of the (local) batch, split at the
+      outputs; C is the curvature of its mean.
+    val_loss_fn: ``params -> []`` mean validation loss of the (local) batch.
+    curvature: "ggn" or "hessian".
+    solver, damping, maxiter, tol, x0, lissa_scale, unroll: see ``inverse_hvp``.
+    axis_name: mesh axis the batch is sharded over, or None.
+
+  Returns:
+    ``(s, g_v, info)``: pytrees like ``params`` and the solve's ``SolveInfo``.
+  """
+  _checks.check_choice(curvature, "curvature", CURVATURES)
+  _checks.check_choice(solver, "solver", SOLVERS)
+  _checks.check_scalar_fn(val_loss_fn, "val_loss_fn", params)
+  local = parallel.device_local(params, axis_name)
+  g_v = parallel.pmean(jax.grad(val_loss_fn)(local), axis_name)
+  matvec = None
+  if solver != "identity":
+    local_mv = curvature_matvec(train_loss, local, curvature)
+    matvec = lambda v: parallel.pmean(local_mv(parallel.device_local(v, axis_name)), axis_name)
+  s, info = inverse_hvp(
+    matvec,
+    g_v,
+    solver=solver,
+    damping=damping,
+    maxiter=maxiter,
+    tol=tol,
+    x0=x0,
+    lissa_scale=lissa_scale,
+    unroll=unroll,
+  )
+  return s, g_v, info
 
 
 def batch_influence(
@@ -307,12 +276,18 @@ def batch_influence(
   x0: PyTree | None = None,
   lissa_scale: float = 10.0,
   unroll: bool | None = None,
+  axis_name: str | None = None,
 ) -> Influence:
-  """METHOD.md section 1 for one batch: I = -∇ℓ_Bᵀ (C + λI)⁻¹ ∇L_V.
+  """docs/method.md §1 for one batch: I = -∇ℓ_Bᵀ (C + λI)⁻¹ ∇L_V.
 
   1. g_V = ∇_θ val_loss_fn(θ);
-  2. s = (C + λI)⁻¹ g_V with C the curvature of mean_i ℓ_i on the batch;
-  3. I_i = -∇ℓ_i(θ)ᵀ s for all i by one jvp.
+  2. s = (C + λI)⁻¹ g_V with C the curvature of mean_i ℓ_i on the batch
+     (``solve_direction``);
+  3. I_i = -∇ℓ_i(θ)ᵀ s for all i by one jvp (``scores``).
+
+  This is the function the training steps run; with ``axis_name`` set (inside
+  ``jax.shard_map``) each device gets the scores of its own examples, equal to
+  the single-device result on the whole batch.
 
   Args:
     params: pytree θ.
@@ -320,20 +295,17 @@ def batch_influence(
     val_loss_fn: ``params -> []`` mean validation loss.
     curvature: "ggn" or "hessian".
     solver, damping, maxiter, tol, x0, lissa_scale, unroll: see ``inverse_hvp``.
+    axis_name: mesh axis the batch is sharded over, or None.
 
   Returns:
-    ``Influence`` (scores [B], s, val_grad, info).
+    ``Influence`` (scores [B] (the local shard's under ``shard_map``), s,
+    val_grad, info).
   """
-  _checks.check_choice(curvature, "curvature", CURVATURES)
-  _checks.check_choice(solver, "solver", SOLVERS)
-  _checks.check_scalar_fn(val_loss_fn, "val_loss_fn", params)
-  g_v = jax.grad(val_loss_fn)(params)
-  matvec = (
-    (lambda v: v) if solver == "identity" else curvature_matvec(train_loss, params, curvature)
-  )
-  s, info = inverse_hvp(
-    matvec,
-    g_v,
+  s, g_v, info = solve_direction(
+    params,
+    train_loss,
+    val_loss_fn,
+    curvature=curvature,
     solver=solver,
     damping=damping,
     maxiter=maxiter,
@@ -341,8 +313,10 @@ def batch_influence(
     x0=x0,
     lissa_scale=lissa_scale,
     unroll=unroll,
+    axis_name=axis_name,
   )
-  return Influence(scores(lambda p: train_loss(p), params, s), s, g_v, info)
+  local = lambda tree: parallel.device_local(tree, axis_name)
+  return Influence(scores(train_loss, local(params), local(s)), s, g_v, info)
 
 
 def flatten(tree: PyTree) -> jax.Array:

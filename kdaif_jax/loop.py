@@ -23,12 +23,27 @@ import numpy as np
 from kdaif_jax import checkpoint, data, models, parallel
 from kdaif_jax import step as step_lib
 from kdaif_jax.logs import MetricsWriter, Progress, log
+from kdaif_jax.options import Mechanism
 from kdaif_jax.parallel import BATCH, REPLICATED
+from kdaif_jax.rng import StepStream, step_key
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Run:
-  """What every phase needs (built once)."""
+  """What every phase needs (built once by the trainer; never changed).
+
+  cfg: the experiment config (batch sizes, epochs, logging cadence).
+  workdir: the run's folder.
+  mesh: the 'data' mesh.
+  ds: the dataset (host numpy splits).
+  arrays: the device-resident arrays the outer steps gather batches from.
+  teacher, student: the models.
+  prepare: ``images_uint8 -> normalised float inputs`` (jittable).
+  weak, strong: ``(key, images_uint8) -> augmented images`` for the global batch.
+  writer: the metrics writer.
+  steps_per_epoch: steps of one pass over the labelled training split.
+  mechanism: the run's update mechanism.
+  """
 
   cfg: ml_collections.ConfigDict
   workdir: str
@@ -42,8 +57,7 @@ class Run:
   strong: Any
   writer: MetricsWriter
   steps_per_epoch: int
-  times: dict
-  rates: dict
+  mechanism: Mechanism
 
   @property
   def student_steps_per_epoch(self) -> int:
@@ -62,10 +76,26 @@ class Run:
     return self.ds.unlabelled if self.semi_supervised else self.ds.train
 
 
-def batch_key(state, salt: int) -> jax.Array:
-  return jax.random.fold_in(
-    jax.random.fold_in(jax.random.wrap_key_data(state.key), salt), state.step
-  )
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """The jitted outer steps of a phase: with a fresh influence solve and without.
+
+  refresh: ``(state, arrays, perm, i) -> (state, metrics)`` recomputing g_V and s.
+  stale: the same reusing the cached s (may be ``refresh`` itself).
+  refresh_every: R; step t uses ``refresh`` when t % R == 0.
+  """
+
+  refresh: Any
+  stale: Any
+  refresh_every: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseTime:
+  """Wall time of a phase (all invocations) and its step rate in this invocation."""
+
+  seconds: float
+  steps_per_second: float
 
 
 # --------------------------------------------------------------------------
@@ -152,14 +182,14 @@ def _val_sampler(run: Run):
     if vb == n_val:
       vidx = jnp.arange(vb)
     else:
-      vidx = jax.random.choice(batch_key(state, 6), n_val, (vb,), replace=False)
+      vidx = jax.random.choice(step_key(state, StepStream.VAL_SAMPLE), n_val, (vb,), replace=False)
     return {"images": arrays["val_images"][vidx], "labels": arrays["val_labels"][vidx]}
 
   return sample
 
 
-def _record(cfg, state, idx, scores, w):
-  if cfg.kdaif.mechanism in ("online", "joint", "small_loss"):
+def _record(mechanism: Mechanism, state, idx, scores, w):
+  if mechanism.batch_weights:
     state = state.replace(
       last_scores=state.last_scores.at[idx].set(scores),
       last_weights=state.last_weights.at[idx].set(w),
@@ -169,7 +199,7 @@ def _record(cfg, state, idx, scores, w):
 
 def sharded_train_fn(run: Run, per_device, with_val: bool):
   """Jits the outer step: gather the batch from device arrays, run per device, record."""
-  cfg, bsz = run.cfg, run.cfg.batch_size
+  bsz = run.cfg.batch_size
   if with_val:
     sm = parallel.shard_map(
       per_device, run.mesh, (REPLICATED, BATCH, BATCH), (REPLICATED, REPLICATED, BATCH)
@@ -180,7 +210,7 @@ def sharded_train_fn(run: Run, per_device, with_val: bool):
 
   def outer(state, arrays, perm, i):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * bsz, bsz)
-    images = run.weak(batch_key(state, 1), arrays["train_images"][idx])
+    images = run.weak(step_key(state, StepStream.TRAIN_VIEW), arrays["train_images"][idx])
     batch = {
       "images": images,
       "labels": arrays["train_labels"][idx],
@@ -190,7 +220,7 @@ def sharded_train_fn(run: Run, per_device, with_val: bool):
     if not with_val:
       return sm(state, {"images": batch["images"], "labels": batch["labels"]})
     state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
-    return _record(cfg, state, idx, scores, w), metrics
+    return _record(run.mechanism, state, idx, scores, w), metrics
 
   return jax.jit(outer, donate_argnums=(0,))
 
@@ -209,16 +239,19 @@ def sharded_ssl_fn(run: Run, per_device):
 
   def outer(state, arrays, perm, i):
     uidx = jax.lax.dynamic_slice_in_dim(perm, i * bu, bu)
-    lidx = jax.random.choice(batch_key(state, 2), n_lab, (bl,), replace=bl > n_lab)
+    pick = step_key(state, StepStream.SSL_LABELLED_PICK)
+    lidx = jax.random.choice(pick, n_lab, (bl,), replace=bl > n_lab)
     unl = arrays["unl_images"][uidx]
     batch = {
-      "lab_images": run.weak(batch_key(state, 3), arrays["train_images"][lidx]),
+      "lab_images": run.weak(
+        step_key(state, StepStream.SSL_LABELLED_VIEW), arrays["train_images"][lidx]
+      ),
       "lab_labels": arrays["train_labels"][lidx],
-      "unl_weak": run.weak(batch_key(state, 4), unl),
-      "unl_strong": run.strong(batch_key(state, 5), unl),
+      "unl_weak": run.weak(step_key(state, StepStream.SSL_WEAK_VIEW), unl),
+      "unl_strong": run.strong(step_key(state, StepStream.SSL_STRONG_VIEW), unl),
     }
     state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
-    return _record(cfg, state, uidx, scores, w), metrics
+    return _record(run.mechanism, state, uidx, scores, w), metrics
 
   return jax.jit(outer, donate_argnums=(0,))
 
@@ -250,17 +283,32 @@ def run_phase(
   run: Run,
   phase: str,
   state: step_lib.TrainState,
+  *,
   epochs: int,
-  step_fns: dict,
+  step_fns: StepFns,
   ckpt: checkpoint.PhaseCheckpoints,
   eval_nets: tuple[str, ...],
+  elapsed: float = 0.0,
   on_epoch_start=None,
   student_data: bool = False,
-) -> step_lib.TrainState:
+) -> tuple[step_lib.TrainState, PhaseTime]:
   """Steps ``state`` through ``epochs`` epochs with checkpoints, logs and evals.
 
-  ``student_data``: epochs run over the scored split (the unlabelled set in SSL)
-  rather than the labelled training split.
+  Args:
+    run: the run context.
+    phase: the phase's name (its checkpoint folder, logs and epoch order).
+    state: the (restored or fresh) state; ``state.step`` is where it resumes.
+    epochs: the phase's length.
+    step_fns: its jitted outer steps.
+    ckpt: its checkpoints.
+    eval_nets: the networks evaluated at the end of each epoch.
+    elapsed: seconds the phase already ran in earlier invocations.
+    on_epoch_start: ``(state, epoch) -> state`` before each epoch's first step.
+    student_data: epochs run over the scored split (the unlabelled set in SSL)
+      rather than the labelled training split.
+
+  Returns:
+    ``(state, PhaseTime)``.
   """
   cfg = run.cfg
   spe = run.student_steps_per_epoch if student_data else run.steps_per_epoch
@@ -274,7 +322,6 @@ def run_phase(
   perm_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(phase.encode()) % (2**31))
   progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
   t0 = time.time()
-  refresh_every = cfg.kdaif.refresh_every
   perm, perm_epoch = None, -1
   step = start
   while step < total:
@@ -283,7 +330,7 @@ def run_phase(
       if i == 0 and on_epoch_start is not None:
         state = on_epoch_start(state, epoch)
       perm, perm_epoch = _epoch_perm(perm_key, epoch, n), epoch
-    fn = step_fns["refresh"] if step % refresh_every == 0 else step_fns["stale"]
+    fn = step_fns.refresh if step % step_fns.refresh_every == 0 else step_fns.stale
     state, metrics = fn(state, run.arrays, perm, i)
     step += 1
     if step % cfg.log_every_steps == 0 or step == total:
@@ -295,19 +342,25 @@ def run_phase(
     if step % spe == 0 and ((step // spe) % cfg.eval_every_epochs == 0 or step == total):
       eval_and_log(run, state, phase, step // spe, eval_nets)
     if step % cfg.checkpoint_every_steps == 0 or step == total:
-      ckpt.save(step, state, {"elapsed": run.times.get(phase, 0.0) + time.time() - t0})
+      ckpt.save(step, state, {"elapsed": elapsed + time.time() - t0})
   ckpt.wait()
-  run.times[phase] = run.times.get(phase, 0.0) + time.time() - t0
-  run.rates[phase] = progress.close()
-  return state
+  return state, PhaseTime(elapsed + time.time() - t0, progress.close())
 
 
-def restore_or(run: Run, phase: str, state: step_lib.TrainState):
+def restore_or(
+  run: Run, phase: str, state: step_lib.TrainState
+) -> tuple[step_lib.TrainState, checkpoint.PhaseCheckpoints, float]:
+  """The newest checkpoint of ``phase`` if there is one, else ``state``.
+
+  Returns:
+    ``(state, the phase's checkpoints, seconds the phase ran before)``.
+  """
   ckpt = checkpoint.PhaseCheckpoints(run.workdir, phase)
   latest = ckpt.latest_step()
+  elapsed = 0.0
   if latest is not None:
     state, record = ckpt.restore(state, latest)
     state = parallel.replicate(state, run.mesh)
-    run.times[phase] = float(record.get("elapsed", 0.0))
+    elapsed = float(record.get("elapsed", 0.0))
     log.info("%s: resumed from checkpoint at step %d", phase, latest)
-  return state, ckpt
+  return state, ckpt, elapsed

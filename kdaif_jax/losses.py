@@ -1,11 +1,13 @@
 """Per-example losses (each returns one value per example, shape [B]).
 
-METHOD.md section 3:
+docs/method.md §3:
   ℓ_i = α·CE(y_i, S(x_i)) + (1−α)·τ²·KL(softmax(T(x_i)/τ) ‖ softmax(S(x_i)/τ))
 for labelled examples and the KD term alone (α = 0) for unlabelled ones.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,3 +90,22 @@ def kd_loss(
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """[B] float 1.0 where argmax(logits) == label, else 0.0."""
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+class KDOptions(NamedTuple):
+  """The distillation loss's options: ``KDOptions(4.0, 0.5)(s_logits, t_logits, y)``.
+
+  temperature: τ > 0 of the soft term.
+  alpha: weight of the hard-label CE in [0, 1].
+  """
+
+  temperature: float = 4.0
+  alpha: float = 0.5
+
+  def __call__(
+    self, student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array | None
+  ) -> jax.Array:
+    """[B] ``kd_loss`` with these options."""
+    return kd_loss(
+      student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha
+    )

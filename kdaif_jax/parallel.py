@@ -72,3 +72,20 @@ def shard_map(fn: Callable, mesh: jax.sharding.Mesh, in_specs: Any, out_specs: A
 
 BATCH = P(AXIS)
 REPLICATED = P()
+
+
+def pmean(tree: Any, axis_name: str | None) -> Any:
+  """``jax.lax.pmean`` over ``axis_name``, or the identity when it is None."""
+  return jax.lax.pmean(tree, axis_name) if axis_name else tree
+
+
+def device_local(tree: Any, axis_name: str | None) -> Any:
+  """Marks replicated values as per-device before differentiating.
+
+  Inside ``shard_map``, the gradient with respect to a replicated (device-
+  invariant) input is summed over devices by the transpose rule. Casting the
+  params to 'varying' first keeps each device's gradient local, so that the
+  explicit ``pmean`` that follows gives the global-batch mean, as in pmap.
+  Identity when ``axis_name`` is None.
+  """
+  return jax.lax.pcast(tree, axis_name, to="varying") if axis_name else tree

@@ -1,4 +1,4 @@
-"""Semi-supervised KD-AIF (METHOD.md section 5): the per-device SSL step.
+"""Semi-supervised KD-AIF (docs/method.md §5): the per-device SSL step.
 
 Teacher on weak views, student on strong views (UDA / Meta Pseudo Labels):
 
@@ -24,19 +24,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kdaif_jax import influence, losses
-from kdaif_jax.step import (
-  NetState,
-  TrainState,
-  device_local,
-  feedback_weights,
-  online_influence,
-  pmean,
-  step_key,
-  teacher_feedback_loss,
-  update_net,
-  weight_metrics,
-)
+from kdaif_jax import losses, online
+from kdaif_jax.options import StepOptions
+from kdaif_jax.parallel import pmean
+from kdaif_jax.step import NetState, TrainState, update_net
 
 
 def unlabelled_loss(
@@ -85,7 +76,7 @@ def make_ssl_step(
   tx_student: optax.GradientTransformation,
   tx_teacher: optax.GradientTransformation | None,
   prepare: Callable,
-  cfg,
+  opts: StepOptions,
   *,
   refresh: bool = True,
   axis_name: str | None = "data",
@@ -95,10 +86,11 @@ def make_ssl_step(
   Args:
     student, teacher: ``models.Model``s.
     tx_student, tx_teacher: optax transformations (teacher: ``joint`` only).
-    prepare: ``(key, uint8 images) -> normalised inputs``; the views arrive
-      already augmented (the trainer augments the global batch outside
-      ``shard_map``, so 1 and N devices see the same views).
-    cfg: run config (reads kd, kdaif, ssl).
+    prepare: ``uint8 images -> normalised inputs``; the views arrive already
+      augmented (the loop augments the global batch outside ``shard_map``, so
+      1 and N devices see the same views).
+    opts: mechanism (none, online or joint), KD temperature, influence, μ and
+      the SSL options.
     refresh: recompute g_V and s this step; otherwise reuse ``state.s``.
     axis_name: mesh axis.
 
@@ -107,34 +99,31 @@ def make_ssl_step(
     batch: lab_images [bl] (weak view), lab_labels [bl], unl_weak [bu] and
     unl_strong [bu] (two views of the same unlabelled images); val: images, labels.
   """
-  k, ssl = cfg.kdaif, cfg.ssl
-  mech = k.mechanism
-  online = mech in ("online", "joint")
+  mech, ssl = opts.mechanism, opts.ssl
   per_ex = lambda out, t: unlabelled_loss(
-    out, t, targets=ssl.targets, temperature=cfg.kd.temperature
+    out, t, targets=ssl.targets, temperature=opts.kd.temperature
   )
 
   def step(state: TrainState, batch: dict, val: dict):
-    key = step_key(state, axis_name)
-    xl, yl = prepare(key, batch["lab_images"]), batch["lab_labels"]
-    xw, xs = prepare(key, batch["unl_weak"]), prepare(key, batch["unl_strong"])
+    xl, yl = prepare(batch["lab_images"]), batch["lab_labels"]
+    xw, xs = prepare(batch["unl_weak"]), prepare(batch["unl_strong"])
     stu, tea = state.student, state.teacher
     t_weak = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, xw, False)[0])
-    metrics, s = {}, state.s
-    params = device_local(stu.params, axis_name)
-    if online:
-      train_loss = influence.PerExampleLoss(
-        outputs_fn=lambda p: student.apply(p, stu.model_state, xs, False)[0],
-        loss_fn=lambda out: per_ex(out, t_weak),
+    metrics = {}
+    if mech.online:
+      state, block = online.student_influence(
+        state,
+        student,
+        xs,
+        lambda out: per_ex(out, t_weak),
+        prepare(val["images"]),
+        val["labels"],
+        opts.influence,
+        refresh=refresh,
+        axis_name=axis_name,
       )
-      xv = prepare(None, val["images"])
-      val_loss = lambda p: jnp.mean(
-        losses.cross_entropy(student.apply(p, stu.model_state, xv, False)[0], val["labels"])
-      )
-      state, s, scores, w, solve_metrics = online_influence(
-        state, params, train_loss, val_loss, k, refresh=refresh, axis_name=axis_name
-      )
-      metrics.update(solve_metrics)
+      scores, w = block.scores, block.weights
+      metrics.update(block.metrics)
     else:
       scores = jnp.zeros((xs.shape[0],), jnp.float32)
       w = jnp.ones_like(scores)
@@ -161,26 +150,24 @@ def make_ssl_step(
       labelled_loss=lab,
       unlabelled_loss=pmean(jnp.mean(unl_per), axis_name),
       accuracy=pmean(jnp.mean(losses.accuracy(lab_logits, yl)), axis_name),
-      **weight_metrics(w, scores, {"noisy": jnp.zeros(w.shape, bool)}, axis_name),
+      **online.weight_metrics(w, scores, jnp.zeros(w.shape, bool), axis_name),
     )
     new_teacher = tea
-    if mech == "joint":
+    if mech.joint:
       new_teacher, tm = _teacher_update(
-        teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores, cfg, axis_name
+        teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores, opts, axis_name
       )
       metrics.update(tm)
-    state = state.replace(
-      step=state.step + 1, student=new_student, teacher=new_teacher, s=s, ema=ema
-    )
+    state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher, ema=ema)
     return state, metrics, (scores, w)
 
   return step
 
 
-def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, cfg, axis_name):
-  ssl, mu = cfg.ssl, cfg.kdaif.joint.mu
+def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, opts, axis_name):
+  ssl, mu = opts.ssl, opts.joint_mu
   pseudo = jnp.argmax(t_weak, axis=-1)
-  h = feedback_weights(scores, axis_name)
+  h = online.feedback_weights(scores, axis_name)
   nl, nu = xl.shape[0], xw.shape[0]
   use_uda = ssl.uda_weight > 0
 
@@ -188,7 +175,7 @@ def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, 
     inputs = [xl, xw] + ([xs] if use_uda else [])
     logits, ms = teacher.apply(p, tea.model_state, jnp.concatenate(inputs), True)
     sup = jnp.mean(losses.cross_entropy(logits[:nl], yl))
-    fb = teacher_feedback_loss(logits[nl : nl + nu], pseudo, h)
+    fb = online.teacher_feedback_loss(logits[nl : nl + nu], pseudo, h)
     total = sup + mu * fb
     uda = jnp.zeros(())
     if use_uda:

@@ -24,13 +24,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdaif_jax import checkpoint, data, loop, models, optim, parallel, scoring
+from kdaif_jax import checkpoint, data, loop, metrics, models, optim, parallel, results, scoring
 from kdaif_jax import config as config_lib
 from kdaif_jax import ssl as ssl_lib
 from kdaif_jax import step as step_lib
-from kdaif_jax import weights as weights_lib
 from kdaif_jax.data import augment
 from kdaif_jax.logs import MetricsWriter, log, setup_logging
+from kdaif_jax.loop import PhaseTime, StepFns
+from kdaif_jax.options import Mechanism
+from kdaif_jax.rng import RunStream, run_key
+
+Times = dict[str, PhaseTime]
 
 
 def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
@@ -49,9 +53,9 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
 
 
 def _make_prepare(ds: data.Dataset):
-  """Normalisation, applied per device inside the steps (the key is unused)."""
+  """Normalisation, applied per device inside the steps (views arrive augmented)."""
   mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-  return lambda key, images: data.normalize(images, mean, std)
+  return lambda images: data.normalize(images, mean, std)
 
 
 def _make_augment(cfg):
@@ -120,7 +124,7 @@ def _init_state(run: loop.Run, key: jax.Array) -> step_lib.TrainState:
 
 def _teacher_tx(run: loop.Run):
   cfg = run.cfg
-  if cfg.kdaif.mechanism == "joint":
+  if run.mechanism.joint:
     joint = ml_collections.ConfigDict(cfg.teacher.optimizer.to_dict())
     joint.update(lr=cfg.kdaif.joint.lr, schedule="constant", warmup_epochs=0.0)
     return optim.make_optimizer(joint, run.student_steps_per_epoch, cfg.student.epochs)
@@ -129,46 +133,56 @@ def _teacher_tx(run: loop.Run):
   )
 
 
-def _teacher_phase(run: loop.Run, state: step_lib.TrainState) -> step_lib.TrainState:
+def _teacher_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Times]:
   cfg = run.cfg
   if cfg.teacher.init:
     params, ms = load_net(cfg.teacher.init, "teacher", state.teacher)
     log.info("teacher: loaded from %s", cfg.teacher.init)
-    return state.replace(teacher=state.teacher.replace(params=params, model_state=ms))
-  state, ckpt = loop.restore_or(run, "teacher", state)
+    return state.replace(teacher=state.teacher.replace(params=params, model_state=ms)), {}
   tx = optim.make_optimizer(cfg.teacher.optimizer, run.steps_per_epoch, cfg.teacher.epochs)
-  per_device = step_lib.make_supervised_step(run.teacher, tx, run.prepare, net="teacher")
+  state, t = _supervised_phase(run, state, "teacher", "teacher", tx, cfg.teacher.epochs)
+  return state, {"teacher": t}
+
+
+def _supervised_phase(run: loop.Run, state, phase: str, net: str, tx, epochs: int):
+  """Cross-entropy training of ``net`` on the labelled split (teacher, fine-tuning)."""
+  state, ckpt, elapsed = loop.restore_or(run, phase, state)
+  per_device = step_lib.make_supervised_step(getattr(run, net), tx, run.prepare, net=net)
   fn = loop.sharded_train_fn(run, per_device, with_val=False)
-  state = loop.run_phase(
-    run, "teacher", state, cfg.teacher.epochs, {"refresh": fn, "stale": fn}, ckpt, ("teacher",)
+  state, t = loop.run_phase(
+    run,
+    phase,
+    state,
+    epochs=epochs,
+    step_fns=StepFns(fn, fn),
+    ckpt=ckpt,
+    eval_nets=(net,) if net == "teacher" else (),
+    elapsed=elapsed,
   )
   ckpt.close()
-  return state
+  return state, t
 
 
-def _kd_fns(run: loop.Run, mechanism: str):
-  cfg = ml_collections.ConfigDict(run.cfg.to_dict())
-  cfg.kdaif.mechanism = mechanism
-  tx_s = optim.make_optimizer(
-    cfg.student.optimizer,
-    run.student_steps_per_epoch,
-    cfg.student.epochs if mechanism == run.cfg.kdaif.mechanism else _proxy_epochs(cfg),
-  )
-  tx_t = _teacher_tx(run) if mechanism == "joint" else None
+def _kd_fns(run: loop.Run, mechanism: Mechanism, epochs: int) -> StepFns:
+  """The jitted KD (or SSL) steps of ``mechanism`` for a student trained ``epochs``."""
+  cfg = run.cfg
+  opts = config_lib.step_options(cfg, mechanism.name)
+  tx_s = optim.make_optimizer(cfg.student.optimizer, run.student_steps_per_epoch, epochs)
+  tx_t = _teacher_tx(run) if mechanism.joint else None
   if run.semi_supervised:
     make = functools.partial(
-      ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t, run.prepare, cfg
+      ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t, run.prepare, opts
     )
     wrap = functools.partial(loop.sharded_ssl_fn, run)
   else:
     make = functools.partial(
-      step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t, run.prepare, cfg
+      step_lib.make_kd_step, run.student, run.teacher, tx_s, tx_t, run.prepare, opts
     )
     wrap = functools.partial(loop.sharded_train_fn, run, with_val=True)
-  fns = {"refresh": wrap(make(refresh=True))}
-  online = mechanism in ("online", "joint") and cfg.kdaif.refresh_every > 1
-  fns["stale"] = wrap(make(refresh=False)) if online else fns["refresh"]
-  return fns
+  refresh = wrap(make(refresh=True))
+  every = cfg.kdaif.refresh_every if mechanism.online else 1
+  stale = wrap(make(refresh=False)) if every > 1 else refresh
+  return StepFns(refresh, stale, every)
 
 
 def _proxy_epochs(cfg) -> int:
@@ -177,11 +191,11 @@ def _proxy_epochs(cfg) -> int:
 
 def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, label: str):
   """Scores the whole training set with the state's student and freezes the weights."""
-  key = jax.random.fold_in(jax.random.key(run.cfg.seed + 17), epoch)
+  key = jax.random.fold_in(run_key(run.cfg.seed, RunStream.SCORING), epoch)
   t0 = time.time()
   scores, info = scorer(state, loop.scored_arrays(run), key)
-  w = np.asarray(weights_lib.get(run.cfg.kdaif.weights)(jnp.asarray(scores), **_wkw(run.cfg)))
-  det = scoring.detection_metrics(w, run.scored.noisy)
+  w = np.asarray(config_lib.weight_map(run.cfg)(jnp.asarray(scores)))
+  det = metrics.detection_metrics(w, run.scored.noisy)
   run.writer.write(
     {
       "kind": "scoring",
@@ -214,57 +228,56 @@ def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, l
   )
 
 
-def _wkw(cfg) -> dict:
-  return {"temperature": cfg.kdaif.weight_temperature} if cfg.kdaif.weights == "sigmoid" else {}
-
-
-def _student_phase(run: loop.Run, state: step_lib.TrainState, fresh_student) -> step_lib.TrainState:
+def _student_phase(
+  run: loop.Run, state: step_lib.TrainState, fresh_student, scorer
+) -> tuple[step_lib.TrainState, Times]:
   cfg = run.cfg
-  mech = cfg.kdaif.mechanism
-  scorer = scoring.make_whole_set_scorer(run.student, run.teacher, run.prepare, cfg, run.mesh)
-  if mech == "static":
-    proxy, pckpt = loop.restore_or(run, "proxy", state)
-    proxy = loop.run_phase(
+  mech = run.mechanism
+  times: Times = {}
+  if mech.proxy:
+    proxy, pckpt, elapsed = loop.restore_or(run, "proxy", state)
+    proxy, times["proxy"] = loop.run_phase(
       run,
       "proxy",
       proxy,
-      _proxy_epochs(cfg),
-      _kd_fns(run, "none"),
-      pckpt,
-      ("student",),
+      epochs=_proxy_epochs(cfg),
+      step_fns=_kd_fns(run, Mechanism("none"), _proxy_epochs(cfg)),
+      ckpt=pckpt,
+      eval_nets=("student",),
+      elapsed=elapsed,
       student_data=True,
     )
     pckpt.close()
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
-  state, ckpt = loop.restore_or(run, "student", state)
+  state, ckpt, elapsed = loop.restore_or(run, "student", state)
   on_epoch = None
-  if mech == "periodic":
+  if mech.rescores:
     k = cfg.kdaif.period_epochs
 
     def on_epoch(st, epoch):
       return _score_into(run, scorer, st, epoch, "periodic") if epoch > 0 and epoch % k == 0 else st
 
-  nets = ("student", "teacher") if mech == "joint" else ("student",)
-  state = loop.run_phase(
+  state, times["student"] = loop.run_phase(
     run,
     "student",
     state,
-    cfg.student.epochs,
-    _kd_fns(run, mech),
-    ckpt,
-    nets,
-    on_epoch,
+    epochs=cfg.student.epochs,
+    step_fns=_kd_fns(run, mech, cfg.student.epochs),
+    ckpt=ckpt,
+    eval_nets=("student", "teacher") if mech.joint else ("student",),
+    elapsed=elapsed,
+    on_epoch_start=on_epoch,
     student_data=True,
   )
   ckpt.close()
   if run.semi_supervised and cfg.ssl.finetune_epochs > 0:
-    state = _finetune_phase(run, state)
-  return state, scorer
+    state, times["finetune"] = _finetune_phase(run, state)
+  return state, times
 
 
-def _finetune_phase(run: loop.Run, state: step_lib.TrainState) -> step_lib.TrainState:
+def _finetune_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Any]:
   """Meta Pseudo Labels' last stage: the student fine-tuned on the labelled set alone."""
   cfg = run.cfg
   ft = ml_collections.ConfigDict(cfg.student.optimizer.to_dict())
@@ -276,15 +289,9 @@ def _finetune_phase(run: loop.Run, state: step_lib.TrainState) -> step_lib.Train
   state = state.replace(
     step=jnp.zeros((), jnp.int32), student=student.replace(opt_state=tx.init(student.params))
   )
-  state, ckpt = loop.restore_or(run, "finetune", state)
-  per_device = step_lib.make_supervised_step(run.student, tx, run.prepare, net="student")
-  fn = loop.sharded_train_fn(run, per_device, with_val=False)
-  state = loop.run_phase(
-    run, "finetune", state, cfg.ssl.finetune_epochs, {"refresh": fn, "stale": fn}, ckpt, ()
-  )
-  ckpt.close()
+  state, t = _supervised_phase(run, state, "finetune", "student", tx, cfg.ssl.finetune_epochs)
   # Evaluation after fine-tuning reads the fine-tuned weights, not the EMA.
-  return state.replace(ema=jax.tree.map(jnp.copy, state.student.params))
+  return state.replace(ema=jax.tree.map(jnp.copy, state.student.params)), t
 
 
 def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
@@ -363,20 +370,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher = models.create(cfg.teacher.model, ds.num_classes)
   student = models.create(cfg.student.model, ds.num_classes)
   writer = MetricsWriter(workdir)
+  weak, strong = _make_augment(cfg)
   run = loop.Run(
-    cfg,
-    workdir,
-    mesh,
-    ds,
-    _device_arrays(ds, mesh),
-    teacher,
-    student,
-    _make_prepare(ds),
-    *_make_augment(cfg),
-    writer,
-    len(ds.train) // cfg.batch_size,
-    {},
-    {},
+    cfg=cfg,
+    workdir=workdir,
+    mesh=mesh,
+    ds=ds,
+    arrays=_device_arrays(ds, mesh),
+    teacher=teacher,
+    student=student,
+    prepare=_make_prepare(ds),
+    weak=weak,
+    strong=strong,
+    writer=writer,
+    steps_per_epoch=len(ds.train) // cfg.batch_size,
+    mechanism=Mechanism(cfg.kdaif.mechanism),
   )
   if run.semi_supervised and run.student_steps_per_epoch < 1:
     raise ValueError(
@@ -387,105 +395,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     state = parallel.replicate(_init_state(run, jax.random.key(cfg.seed)), mesh)
     fresh_student = jax.tree.map(jnp.copy, state.student)  # survives the donated steps
-    state = _teacher_phase(run, state)
+    scorer = scoring.make_whole_set_scorer(
+      student, teacher, run.prepare, config_lib.scorer_options(cfg), mesh
+    )
+    state, times = _teacher_phase(run, state)
     state = state.replace(step=jnp.zeros((), jnp.int32))
-    state, scorer = _student_phase(run, state, fresh_student)
-    summary = _finish(run, state, scorer, t_start)
+    state, student_times = _student_phase(run, state, fresh_student, scorer)
+    summary = results.finish(run, state, scorer, {**times, **student_times}, t_start)
   finally:
     writer.close()
   return summary
-
-
-def _finish(run: loop.Run, state: step_lib.TrainState, scorer, t_start: float) -> dict:
-  cfg, ds = run.cfg, run.ds
-  t0 = time.time()
-  results = {}
-  for name, model in (("teacher", run.teacher), ("student", run.student)):
-    net = loop.eval_net(run, state, name)
-    for split in ("val", "test"):
-      results[(name, split)] = loop.evaluate(
-        run, model, net, getattr(ds, split), return_logits=(split == "test")
-      )
-  final_scores, _ = scorer(state, loop.scored_arrays(run), jax.random.key(cfg.seed + 99))
-  mech = cfg.kdaif.mechanism
-  if mech == "none":
-    infl, w = final_scores, np.ones_like(final_scores)
-  elif mech == "small_loss":  # its scores are losses, not influence
-    infl, w = final_scores, np.asarray(state.last_weights)
-  else:
-    infl, w = np.asarray(state.last_scores), np.asarray(state.last_weights)
-  _write_weights_csv(run, infl, w, final_scores)
-  np.savez_compressed(
-    os.path.join(run.workdir, "predictions.npz"),
-    labels=ds.test.clean_labels,
-    ids=ds.test.ids,
-    teacher_logits=results[("teacher", "test")]["logits"],
-    student_logits=results[("student", "test")]["logits"],
-  )
-  run.times["final"] = time.time() - t0
-  det = (
-    scoring.detection_metrics(w, run.scored.noisy)
-    if mech != "none"
-    else scoring.detection_metrics(-final_scores, run.scored.noisy)
-  )
-  count = lambda net: models.param_count(getattr(state, net).params)
-  summary = {
-    "dataset": ds.name,
-    "mechanism": mech,
-    "noise_rate": float(cfg.data.noise.rate),
-    "noise_kind": cfg.data.noise.kind,
-    "num_train": len(ds.train),
-    "num_unlabelled": len(ds.unlabelled) if run.semi_supervised else 0,
-    "num_scored": len(run.scored),
-    "teacher": {
-      "architecture": cfg.teacher.model,
-      "parameters": count("teacher"),
-      "test_accuracy": results[("teacher", "test")]["accuracy"],
-      "val_accuracy": results[("teacher", "val")]["accuracy"],
-    },
-    "student": {
-      "architecture": cfg.student.model,
-      "parameters": count("student"),
-      "test_accuracy": results[("student", "test")]["accuracy"],
-      "val_accuracy": results[("student", "val")]["accuracy"],
-      "test_loss": results[("student", "test")]["loss"],
-    },
-    "noise_detection": det,
-    "wall_time_s": {
-      **{k: round(v, 3) for k, v in run.times.items()},
-      "total_this_invocation": round(time.time() - t_start, 3),
-    },
-    "steps_per_second": {k: round(v, 3) for k, v in run.rates.items()},
-    "device_count": run.mesh.size,
-    "backend": jax.default_backend(),
-    "device_kind": jax.devices()[0].device_kind,
-    "jax_version": jax.__version__,
-  }
-  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
-  if cfg.report and jax.process_index() == 0:
-    try:
-      from kdaif_jax import report  # matplotlib is only imported when a report is written
-
-      out = report.write_report(run.workdir)
-      log.info("report: %s", out["report_md"])
-    except Exception as e:  # noqa: BLE001 - a report problem must not lose a finished run
-      log.warning("report could not be written: %s", e)
-  log.info(
-    "done: teacher %s test acc %.4f | student %s test acc %.4f (%s)",
-    cfg.teacher.model,
-    summary["teacher"]["test_accuracy"],
-    cfg.student.model,
-    summary["student"]["test_accuracy"],
-    mech,
-  )
-  return summary
-
-
-def _write_weights_csv(run: loop.Run, infl, w, final_scores) -> None:
-  tr = run.scored
-  path = os.path.join(run.workdir, "weights.csv")
-  with open(path, "w") as f:
-    f.write("id,label,clean_label,noisy,influence,weight,final_influence\n")
-    for row in zip(tr.ids, tr.labels, tr.clean_labels, tr.noisy, infl, w, final_scores):
-      f.write(f"{row[0]},{row[1]},{row[2]},{int(row[3])},{row[4]:.6g},{row[5]:.6g},{row[6]:.6g}\n")

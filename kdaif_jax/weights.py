@@ -1,4 +1,4 @@
-"""Influence scores -> per-example weights (METHOD.md section 2).
+"""Influence scores -> per-example weights (docs/method.md §2).
 
 Every map returns weights with mean exactly 1 over the batch (so the learning
 rate keeps its meaning), finite for constant, single-element or extreme
@@ -7,7 +7,7 @@ inputs, and is meant to be used under ``jax.lax.stop_gradient``.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,24 @@ from kdaif_jax import _checks
 
 MAPS = ("sigmoid", "exp_minmax", "none")
 
+__all__ = [
+  "MAPS",
+  "WeightMap",
+  "exp_minmax",
+  "extremes",
+  "get",
+  "moments",
+  "none",
+  "sigmoid",
+  "small_loss",
+]
 
-def _moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+
+def moments(x: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Mean and std over the batch (and over devices when ``axis_name`` is set).
+
+  The project's one standard deviation: the weight maps, the step's weight
+  statistics and the ``joint`` feedback all use it.
 
   Scaled by max|x| and computed in two passes, so neither 1e30-sized scores
   (overflow) nor a large common offset (cancellation in E[x²] − E[x]²) break it.
@@ -35,6 +50,14 @@ def _moments(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]
   if axis_name is not None:
     var = jax.lax.pmean(var, axis_name)
   return mean * peak, jnp.sqrt(var) * peak
+
+
+def extremes(x: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """(min, max) over the batch (and over devices when ``axis_name`` is set)."""
+  lo, hi = jnp.min(x), jnp.max(x)
+  if axis_name is not None:
+    lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+  return lo, hi
 
 
 def _normalise_log(log_w: jax.Array, axis_name: str | None) -> jax.Array:
@@ -68,7 +91,7 @@ def sigmoid(
   Returns:
     [B] weights with mean 1.
   """
-  _, std = _moments(scores, axis_name)
+  _, std = moments(scores, axis_name)
   z = -scores / (temperature * std + eps)
   return _normalise_log(jax.nn.log_sigmoid(z), axis_name)
 
@@ -88,9 +111,7 @@ def exp_minmax(scores: jax.Array, *, eps: float = 1e-12, axis_name: str | None =
     [B] weights with mean 1.
   """
   h = -scores
-  lo, hi = jnp.min(h), jnp.max(h)
-  if axis_name is not None:
-    lo, hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+  lo, hi = extremes(h, axis_name)
   scaled = 2.0 * (h - lo) / (hi - lo + eps) - 1.0
   return _normalise_log(scaled, axis_name)
 
@@ -103,7 +124,7 @@ def none(scores: jax.Array, **_) -> jax.Array:
 def small_loss(
   losses: jax.Array, *, temperature: float = 1.0, eps: float = 1e-8, axis_name: str | None = None
 ) -> jax.Array:
-  """Small-loss baseline (METHOD.md section 7): large training losses get low weight.
+  """Small-loss baseline (docs/method.md §7): large training losses get low weight.
 
   w_i ∝ σ(−(ℓ_i − mean ℓ) / (τ·std ℓ + ε)), mean 1. Not influence: the classic
   noisy-label heuristic that KD-AIF must beat to be worth its cost.
@@ -115,7 +136,7 @@ def small_loss(
   Returns:
     [B] weights with mean 1.
   """
-  mean, std = _moments(losses, axis_name)
+  mean, std = moments(losses, axis_name)
   z = -(losses - mean) / (temperature * std + eps)
   return _normalise_log(jax.nn.log_sigmoid(z), axis_name)
 
@@ -124,3 +145,19 @@ def get(name: str) -> Callable[..., jax.Array]:
   """The weight map called ``name`` (one of ``MAPS``)."""
   _checks.check_choice(name, "weights", MAPS)
   return {"sigmoid": sigmoid, "exp_minmax": exp_minmax, "none": none}[name]
+
+
+class WeightMap(NamedTuple):
+  """A weight map with its options: ``WeightMap("sigmoid", 0.5)(scores)``.
+
+  name: one of ``MAPS``.
+  temperature: τ of ``sigmoid`` (the other maps take none).
+  """
+
+  name: str = "sigmoid"
+  temperature: float = 1.0
+
+  def __call__(self, scores: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """[B] weights with mean 1 of the [B] influence ``scores`` (see the named map)."""
+    kwargs = {"temperature": self.temperature} if self.name == "sigmoid" else {}
+    return get(self.name)(scores, axis_name=axis_name, **kwargs)

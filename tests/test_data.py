@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import pathlib
@@ -280,6 +281,95 @@ def test_validate_config_accepts_all_datasets_without_data(monkeypatch):
   data.validate_config(_config(name="svhn_cropped", num_labelled=1000))
 
 
+# Every dataset: (num_classes, image_shape) with default options.
+DATASET_FACTS = {
+  "digits": (10, (8, 8, 1)),
+  "synthetic": (10, (8, 8, 3)),
+  "cifar10": (10, (32, 32, 3)),
+  "cifar100": (100, (32, 32, 3)),
+  "svhn_cropped": (10, (32, 32, 3)),
+}
+
+
+def test_dataset_facts_cover_every_dataset():
+  assert set(DATASET_FACTS) == set(data.DATASETS)
+
+
+@pytest.mark.parametrize("name", sorted(DATASET_FACTS))
+def test_num_classes_and_image_shape_configdict_and_dict(name, monkeypatch):
+  def no_data(*args, **kwargs):
+    raise AssertionError("a dataset fact touched data")
+
+  for source in ("tfds_source", "digits_source", "synthetic_source"):
+    monkeypatch.setattr(sources, source, no_data)
+  k, shape = DATASET_FACTS[name]
+  cfg = _config(name=name)
+  as_json = json.loads(json.dumps(cfg.to_dict()))  # as read back from config.json
+  for config in (cfg, as_json, {"name": name}):
+    assert data.num_classes(config) == k and type(data.num_classes(config)) is int
+    assert data.image_shape(config) == shape
+    assert all(type(d) is int for d in data.image_shape(config))
+
+
+def test_num_classes_and_image_shape_missing_fields_take_defaults():
+  for config in ({}, {"name": None}, {"seed": 3}):
+    assert (data.num_classes(config), data.image_shape(config)) == (10, (8, 8, 1))
+  custom = {"name": "synthetic", "synthetic": {"image_size": 12, "num_classes": 4}}
+  assert data.num_classes(custom) == 4
+  assert data.image_shape(custom) == (12, 12, 3)  # channels: the default
+  custom = _config(name="synthetic", **{"synthetic.channels": 1, "synthetic.num_classes": 7})
+  assert (data.num_classes(custom), data.image_shape(custom)) == (7, (8, 8, 1))
+  assert data.image_shape({"name": "synthetic", "synthetic": {"channels": 2}}) == (8, 8, 2)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    {"name": "synthetic"},
+    {"name": "synthetic", "synthetic.image_size": 12, "synthetic.channels": 1},
+    {"name": "synthetic", "synthetic.num_classes": 4, "synthetic.num_val": 40},
+  ],
+)
+def test_dataset_facts_match_load(overrides):
+  cfg = _config(**overrides)
+  ds = data.load(cfg)
+  assert data.num_classes(cfg) == ds.num_classes
+  assert data.image_shape(cfg) == ds.image_shape
+
+
+@pytest.mark.parametrize("fact", ["num_classes", "image_shape"])
+def test_dataset_facts_unknown_name(fact):
+  cfg = _config()
+  cfg.unlock()
+  cfg.name = "mnist"
+  for config in (cfg, {"name": "mnist"}):
+    with pytest.raises(ValueError) as info:
+      getattr(data, fact)(config)
+    message = str(info.value)
+    assert "data.name='mnist'" in message and "\n" not in message
+    assert "allowed values: digits, synthetic, cifar10, cifar100, svhn_cropped" in message
+
+
+def test_data_init_only_reexports():
+  path = pathlib.Path(data.__file__)
+  assert path.name == "__init__.py"
+  tree = ast.parse(path.read_text())
+  defined = [
+    node
+    for node in ast.walk(tree)
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+  ]
+  assert not defined, [getattr(node, "name", "lambda") for node in defined]
+  assert ast.get_docstring(tree)
+  for node in tree.body[1:]:
+    is_all = isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["__all__"]
+    assert isinstance(node, (ast.Import, ast.ImportFrom)) or is_all, ast.dump(node)
+  for name in data.__all__:
+    assert getattr(data, name) is not None, name
+  assert {"num_classes", "image_shape"} <= set(data.__all__)
+
+
 def test_synthetic_is_deterministic_balanced_and_learnable():
   cfg = _config(name="synthetic")
   ds = data.load(cfg)
@@ -390,6 +480,7 @@ def test_tfds_reads_real_array_record_files(tmp_path):
   ds = data.load(cfg)
   assert ds.image_shape == (32, 32, 3) and ds.num_classes == 10
   assert ds.class_names == CIFAR10_NAMES
+  assert (data.num_classes(cfg), data.image_shape(cfg)) == (ds.num_classes, ds.image_shape)
   assert (len(ds.train), len(ds.val), len(ds.unlabelled), len(ds.test)) == (
     20,
     10,
@@ -430,6 +521,7 @@ def test_tfds_mock_data(monkeypatch):
     direct = np.stack([source[i]["image"] for i in range(len(source))])
   assert ds.num_classes == 10 and ds.image_shape == (32, 32, 3)
   assert (len(ds.train), len(ds.val), len(ds.test)) == (110, 10, 120)
+  assert (data.num_classes(cfg), data.image_shape(cfg)) == (ds.num_classes, ds.image_shape)
   assert len(ds.class_names) == 10
   np.testing.assert_array_equal(ds.test.images, direct)
   _assert_disjoint_ids(ds)

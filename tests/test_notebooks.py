@@ -1,5 +1,9 @@
 """The notebooks run top to bottom (small sizes) and are committed clean.
 
+Each notebook ``notebooks/NAME.ipynb`` is paired with its readable source
+``notebooks/NAME.py`` (jupytext percent format; see notebooks/README.md): the
+committed .ipynb must hold the same cells, in type and source, as the .py.
+
 Each notebook is executed with nbclient in a kernel that runs this very Python
 (a kernelspec written to a temporary JUPYTER_PATH), with KDAIF_NOTEBOOK_SMALL=1
 and a temporary working directory. Its last cell prints one line
@@ -8,11 +12,12 @@ and a temporary working directory. Its last cell prints one line
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import re
 import sys
 
+import jupytext
 import nbformat
 import pytest
 
@@ -28,15 +33,16 @@ def _path(name: str) -> str:
   return os.path.join(NOTEBOOK_DIR, f"{name}.ipynb")
 
 
-def _load_builder():
-  spec = importlib.util.spec_from_file_location("_build", os.path.join(NOTEBOOK_DIR, "_build.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def _source_path(name: str) -> str:
+  return os.path.join(NOTEBOOK_DIR, f"{name}.py")
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+  return [(c.cell_type, c.source) for c in nb.cells]
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_committed_notebook_has_no_outputs_and_matches_builder(name):
+def test_committed_notebook_has_no_outputs_and_matches_its_source(name):
   nb = nbformat.read(_path(name), as_version=4)
   nbformat.validate(nb)
   code = [c for c in nb.cells if c.cell_type == "code"]
@@ -44,13 +50,26 @@ def test_committed_notebook_has_no_outputs_and_matches_builder(name):
   for cell in code:
     assert cell.outputs == [], f"{cell.id} has outputs"
     assert cell.execution_count is None, f"{cell.id} has an execution count"
-  # The .ipynb is generated: notebooks/_build.py must give exactly the committed file.
-  assert nb == _load_builder().build_notebook(name), (
-    f"{name}.ipynb differs from notebooks/_build.py; edit _build.py and rerun it"
+  # The pair is in sync: notebooks/NAME.py, read by jupytext, gives the same cells.
+  source = jupytext.read(_source_path(name))
+  expected, actual = _cells(source), _cells(nb)
+  hint = f"run `jupytext --sync notebooks/{name}.py` (notebooks/README.md)"
+  assert len(actual) == len(expected), (
+    f"{name}.ipynb has {len(actual)} cells, {name}.py {len(expected)}; {hint}"
+  )
+  for i, (a, e) in enumerate(zip(actual, expected)):
+    assert a == e, f"{name}.ipynb cell {i} differs from {name}.py; {hint}"
+  assert nb.metadata.get("jupytext", {}).get("formats") == "ipynb,py:percent", (
+    f"{name}.ipynb is not paired with its .py source"
   )
   first = code[0].source
   assert "google.colab" in first and "KDAIF_SOURCE" in first
   assert any('os.environ.get("KDAIF_NOTEBOOK_SMALL") == "1"' in c.source for c in code)
+  # kdaif_jax.scoring is internal (whole-set influence); metrics live in kdaif_jax.metrics.
+  for cell in code:
+    assert not re.search(
+      r"kdaif_jax\.scoring|from kdaif_jax import [^\n]*\bscoring\b", cell.source
+    ), f"{name} cell {cell.id} imports kdaif_jax.scoring"
 
 
 @pytest.fixture

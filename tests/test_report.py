@@ -1,4 +1,5 @@
-"""The SAFE report: its helpers on hand-made inputs, a real tiny run, a damaged copy, the CLI."""
+"""The SAFE report: its helpers on hand-made inputs, a real tiny run, a damaged copy, the CLI;
+the shared numpy metrics (kdaif_jax.metrics) by hand; the report package as a leaf."""
 
 import base64
 import importlib.util
@@ -16,7 +17,7 @@ import pytest
 from matplotlib import image as mpimg
 from sklearn.metrics import roc_auc_score
 
-from kdaif_jax import report, scoring, trainer
+from kdaif_jax import metrics, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,8 @@ def load_config(name, arg="smoke"):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A finished tiny run: digits with 40% flipped labels, mlp -> mlp, online KD-AIF."""
+  from kdaif_jax import trainer  # only here: the other tests need no training module
+
   cfg = load_config("digits_noisy")
   cfg.teacher.model = cfg.student.model = "mlp"
   cfg.kdaif.mechanism = "online"
@@ -187,7 +190,7 @@ def test_cli_writes_the_report(run_dir, tmp_path):
 )
 def test_detection_metrics_match_sklearn(weights, noisy):
   w, y = np.asarray(weights), np.asarray(noisy, bool)
-  det = scoring.detection_metrics(w, y)
+  det = metrics.detection_metrics(w, y)
   assert det["auroc"] == pytest.approx(roc_auc_score(y, -w), abs=1e-12)
   assert det["num_noisy"] == y.sum()
 
@@ -196,12 +199,12 @@ def test_detection_precision_at_k_by_hand():
   # k = 3 flipped; the 3 lowest weights are ids 0 (flipped), 3 (clean), 5 (flipped).
   w = np.array([0.1, 0.9, 0.8, 0.2, 0.7, 0.3, 0.6])
   y = np.array([1, 0, 0, 0, 0, 1, 1], bool)
-  assert scoring.detection_metrics(w, y)["precision_at_k"] == pytest.approx(2 / 3)
+  assert metrics.detection_metrics(w, y)["precision_at_k"] == pytest.approx(2 / 3)
   # Ties inside the k lowest do not matter: 0.2, 0.2 and 0.1 are all taken.
   w2 = np.array([0.2, 0.2, 0.9, 0.9, 0.1, 0.95])
   y2 = np.array([1, 0, 0, 0, 1, 1], bool)
-  assert scoring.detection_metrics(w2, y2)["precision_at_k"] == pytest.approx(2 / 3)
-  assert scoring.detection_metrics(w, np.zeros(7, bool))["auroc"] is None
+  assert metrics.detection_metrics(w2, y2)["precision_at_k"] == pytest.approx(2 / 3)
+  assert metrics.detection_metrics(w, np.zeros(7, bool))["auroc"] is None
 
 
 def test_ece_by_hand():
@@ -275,3 +278,106 @@ def test_read_metrics_keeps_the_last_line_and_skips_broken_ones(tmp_path):
   ]
   assert len(problems) == 2 and "line 7" in problems[1] and "truncated" in problems[1]
   assert report.read_metrics(str(tmp_path / "none.jsonl")) == ([], ["none.jsonl not found"])
+
+
+def test_flops_from_config_alone_use_the_data_facts(tmp_path):
+  # No predictions.npz: the input shape and class count come from kdaif_jax.data.
+  cfg = {"data": {"name": "digits"}, "teacher": {"model": "mlp"}, "student": {"model": "mlp"}}
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  out = report.write_report(str(tmp_path))
+  from kdaif_jax import models
+
+  expected = report.forward_flops(models.create("mlp", 10), (1, 8, 8, 1))
+  assert out["numbers"]["flops"] == {"teacher": expected, "student": expected}
+  assert not [m for m in out["missing"] if "FLOPs" in m["disabled"]]
+  # A dataset this version does not know: FLOPs unknown, and the report says why.
+  cfg["data"]["name"] = "imagenet"
+  (tmp_path / "config.json").write_text(json.dumps(cfg))
+  out = report.write_report(str(tmp_path))
+  assert out["numbers"]["flops"] == {"teacher": None, "student": None}
+  notes = {m["disabled"]: m["problem"] for m in out["missing"] if "FLOPs" in m["disabled"]}
+  assert set(notes) == {"teacher FLOPs", "student FLOPs"}
+  assert "input shape, classes or architecture unknown" in notes["student FLOPs"]
+
+
+# --------------------------------------------------------------------------
+# kdaif_jax.metrics by hand
+# --------------------------------------------------------------------------
+
+
+def test_detection_metrics_auroc_with_ties_by_hand():
+  # Flipped weights {0.2, 0.5}, clean {0.5, 0.8}: of the 4 (flipped, clean) pairs, 0.2 is
+  # lower than both (2), 0.5 ties 0.5 (1/2) and is lower than 0.8 (1): 3.5 / 4.
+  w = np.array([0.2, 0.5, 0.5, 0.8])
+  det = metrics.detection_metrics(w, np.array([1, 1, 0, 0], bool))
+  assert det == {"auroc": pytest.approx(0.875), "precision_at_k": 1.0, "num_noisy": 2}
+  # Same pairs, the tied 0.5 now clean at position 1: the k = 2 lowest are positions 0
+  # and 1 (a stable sort keeps the earlier of two ties), one of them flipped.
+  det = metrics.detection_metrics(w, [1, 0, 1, 0])
+  assert det == {"auroc": pytest.approx(0.875), "precision_at_k": 0.5, "num_noisy": 2}
+  # Eight examples: flipped {0.1, 0.5, 0.5} vs clean {0.5, 0.9, 1.2, 0.3, 0.5}:
+  # 0.1 beats all 5; each 0.5 beats 0.9 and 1.2 and ties two 0.5s: 5 + 3 + 3 = 11 of 15.
+  w8 = [0.1, 0.5, 0.5, 0.9, 0.5, 1.2, 0.3, 0.5]
+  det = metrics.detection_metrics(w8, [1, 1, 0, 0, 1, 0, 0, 0])
+  assert det["auroc"] == pytest.approx(11 / 15)
+  # The 3 lowest: 0.1 (flipped), 0.3 (clean), the first 0.5 (position 1, flipped).
+  assert det["precision_at_k"] == pytest.approx(2 / 3)
+  assert isinstance(det["auroc"], float) and isinstance(det["num_noisy"], int)
+
+
+def test_detection_metrics_none_cases():
+  w = np.array([0.3, 0.1, 0.7])
+  assert metrics.detection_metrics(w, [0, 0, 0]) == {
+    "auroc": None,
+    "precision_at_k": None,
+    "num_noisy": 0,
+  }
+  assert metrics.detection_metrics(w, [1, 1, 1]) == {
+    "auroc": None,
+    "precision_at_k": None,
+    "num_noisy": 3,
+  }
+  # Constant weights (plain KD): AUROC 0.5, but no "k lowest" to take.
+  assert metrics.detection_metrics(np.ones(4), [1, 0, 0, 0]) == {
+    "auroc": 0.5,
+    "precision_at_k": None,
+    "num_noisy": 1,
+  }
+
+
+def test_ece_and_calibration_bins_by_hand():
+  # 5 bins of width 0.2. Confidences 0.85 (bin 4, right), 0.75 (bin 3, wrong),
+  # 0.7 (bin 3, right), 0.55 (bin 2, right).
+  probs = np.array([[0.85, 0.15], [0.75, 0.25], [0.3, 0.7], [0.55, 0.45]])
+  labels = np.array([0, 1, 1, 0])
+  count, conf_sum, acc_sum = metrics.calibration_bins(probs, labels, 5)
+  np.testing.assert_array_equal(count, [0, 0, 1, 2, 1])
+  np.testing.assert_allclose(conf_sum, [0, 0, 0.55, 1.45, 0.85])
+  np.testing.assert_allclose(acc_sum, [0, 0, 1, 1, 1])
+  # (1 * |1 - 0.55| + 2 * |0.5 - 0.725| + 1 * |1 - 0.85|) / 4
+  assert metrics.expected_calibration_error(probs, labels, num_bins=5) == pytest.approx(1.05 / 4)
+  assert np.isnan(metrics.expected_calibration_error(np.zeros((0, 3)), np.zeros(0, int)))
+  # The report re-exports the same functions.
+  assert report.expected_calibration_error is metrics.expected_calibration_error
+  assert report.per_class_accuracy is metrics.per_class_accuracy
+
+
+def test_softmax():
+  p = metrics.softmax(np.array([[0.0, np.log(3.0)], [1000.0, 1000.0]]))
+  np.testing.assert_allclose(p, [[0.25, 0.75], [0.5, 0.5]])
+
+
+def test_report_imports_no_training_module():
+  code = (
+    "import json, sys\n"
+    "import kdaif_jax.report\n"
+    "print(json.dumps(sorted(m for m in sys.modules if m.startswith('kdaif_jax'))))\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+  assert "kdaif_jax.report" in loaded and "kdaif_jax.metrics" in loaded
+  for name in ("step", "ssl", "scoring", "loop", "trainer", "config"):
+    assert f"kdaif_jax.{name}" not in loaded, name

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from kdaif_jax import config as config_lib
-from kdaif_jax import influence, losses, models, ssl
+from kdaif_jax import influence, losses, models, online, ssl
 from kdaif_jax import step as step_lib
 
 
@@ -57,8 +57,8 @@ def test_joint_feedback_sign_with_real_influence():
         params, train_loss, val_loss, curvature=curvature, damping=0.1, maxiter=20
       )
       assert res.scores[0] > 0 > res.scores[1]  # wrong label harmful, right one helpful
-      h = step_lib.feedback_weights(res.scores)
-      grad = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(t_logits)
+      h = online.feedback_weights(res.scores)
+      grad = jax.grad(lambda lg: online.teacher_feedback_loss(lg, pseudo, h))(t_logits)
       new = t_logits - 0.5 * grad
       p_old, p_new = jax.nn.softmax(t_logits), jax.nn.softmax(new)
       assert p_new[0, 0] < p_old[0, 0]  # wrong pseudo-label became less likely
@@ -96,8 +96,10 @@ def _ssl_setup(mechanism, **ssl_overrides):
     "unl_strong": 255 - img(k[4], 8),
   }
   val = {"images": img(k[2], 6), "labels": jnp.array([0, 1, 2, 0, 1, 2])}
-  prepare = lambda key, im: im.astype(jnp.float32) / 255.0
-  fn = ssl.make_ssl_step(student, teacher, tx, tx, prepare, cfg, axis_name=None)
+  prepare = lambda im: im.astype(jnp.float32) / 255.0
+  fn = ssl.make_ssl_step(
+    student, teacher, tx, tx, prepare, config_lib.step_options(cfg), axis_name=None
+  )
   return state, batch, val, jax.jit(fn)
 
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from kdaif_jax import config as config_lib
-from kdaif_jax import losses, models
+from kdaif_jax import losses, models, online
 from kdaif_jax import step as step_lib
 
 B, K = 16, 3
@@ -40,7 +40,7 @@ def _setup(mechanism, key=0):
     solve_stats=jnp.zeros((3,)),
     ema=sp,
   )
-  prepare = lambda key, im: im.astype(jnp.float32) / 255.0 - 0.5
+  prepare = lambda im: im.astype(jnp.float32) / 255.0 - 0.5
   batch = {
     "images": x,
     "labels": y,
@@ -48,7 +48,8 @@ def _setup(mechanism, key=0):
     "weights": jnp.linspace(0.5, 1.5, B),
   }
   val = {"images": xv, "labels": yv}
-  fn = step_lib.make_kd_step(student, teacher, tx, tx, prepare, cfg, axis_name=None)
+  opts = config_lib.step_options(cfg)
+  fn = step_lib.make_kd_step(student, teacher, tx, tx, prepare, opts, axis_name=None)
   return cfg, student, teacher, tx, prepare, state, batch, val, fn
 
 
@@ -78,7 +79,7 @@ def test_every_mechanism_updates_the_student(mechanism):
 def test_none_equals_plain_kd():
   cfg, student, teacher, tx, prepare, state, batch, val, fn = _setup("none")
   new, _, _ = fn(state, batch, val)
-  x = prepare(None, batch["images"])
+  x = prepare(batch["images"])
   t = teacher.apply(state.teacher.params, {}, x, False)[0]
 
   def plain(p):
@@ -98,7 +99,7 @@ def test_static_weights_are_used_normalised():
   cfg, student, teacher, tx, prepare, state, batch, val, fn = _setup("static")
   new, metrics, (_, w) = fn(state, batch, val)
   np.testing.assert_allclose(w, batch["weights"])
-  x = prepare(None, batch["images"])
+  x = prepare(batch["images"])
   t = teacher.apply(state.teacher.params, {}, x, False)[0]
   out = student.apply(state.student.params, {}, x, True)[0]
   per = losses.kd_loss(out, t, batch["labels"], temperature=cfg.kd.temperature, alpha=cfg.kd.alpha)
@@ -111,7 +112,7 @@ def test_refresh_false_reuses_s():
   s = jax.tree.map(lambda a: jnp.full_like(a, 0.01), state.s)
   state = state.replace(s=s)
   stale = step_lib.make_kd_step(
-    student, teacher, tx, None, prepare, cfg, refresh=False, axis_name=None
+    student, teacher, tx, None, prepare, config_lib.step_options(cfg), refresh=False, axis_name=None
   )
   state = state.replace(solve_stats=jnp.array([7.0, 0.5, 0.0]))
   new, metrics, _ = stale(state, batch, val)
@@ -126,9 +127,9 @@ def test_joint_feedback_sign_moves_pseudo_label_probabilities():
   logits = jnp.array([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]])
   pseudo = jnp.array([0, 0])
   scores = jnp.array([-1.0, 1.0])
-  h = step_lib.feedback_weights(scores)
+  h = online.feedback_weights(scores)
   assert h[0] > 0 > h[1]
-  g = jax.grad(lambda lg: step_lib.teacher_feedback_loss(lg, pseudo, h))(logits)
+  g = jax.grad(lambda lg: online.teacher_feedback_loss(lg, pseudo, h))(logits)
   new = logits - 1.0 * g  # one gradient step on the teacher's outputs
   p_old, p_new = jax.nn.softmax(logits), jax.nn.softmax(new)
   assert p_new[0, 0] > p_old[0, 0]  # helpful pseudo-label more likely

@@ -18,7 +18,7 @@ def np_log_sigmoid(z):
 
 
 def np_sigmoid_weights(scores, temperature=1.0, eps=1e-8):
-  """METHOD.md section 2 written out: w = 2σ(−I/(τ·std(I)+ε)), divided by its mean."""
+  """docs/method.md §2 written out: w = 2σ(−I/(τ·std(I)+ε)), divided by its mean."""
   s = np.asarray(scores, np.float64)
   log_w = np.log(2.0) + np_log_sigmoid(-s / (temperature * s.std() + eps))
   w = np.exp(log_w - log_w.max())  # same ratio, no underflow when every σ is tiny

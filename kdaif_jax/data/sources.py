@@ -23,15 +23,17 @@ from kdaif_jax.data.splits import Split, make_split, stratified_subset
 
 SPLIT_ID_OFFSET = {"train": 0, "test": 10**9}
 
-# Sizes of the TFDS splits, known without touching data (for validate_config).
+# Facts of each dataset, known without touching data (for validate_config and
+# kdaif_jax.data.facts; synthetic's come from its config section).
 TFDS_DATASETS = {
-  # name: (num_classes, train examples, test examples)
-  "cifar10": (10, 50_000, 10_000),
-  "cifar100": (100, 50_000, 10_000),
-  "svhn_cropped": (10, 73_257, 26_032),
+  # name: (num_classes, train examples, test examples, image shape (H, W, C))
+  "cifar10": (10, 50_000, 10_000, (32, 32, 3)),
+  "cifar100": (100, 50_000, 10_000, (32, 32, 3)),
+  "svhn_cropped": (10, 73_257, 26_032, (32, 32, 3)),
 }
 DIGITS_SIZE = 1797
 DIGITS_CLASSES = 10
+DIGITS_IMAGE_SHAPE = (8, 8, 1)
 
 # Streams of np.random.default_rng([seed, stream]) for independent seeded stages.
 STREAM_VAL, STREAM_NUM_TRAIN, STREAM_LABELLED, STREAM_TEST = 0, 1, 2, 3

@@ -1,17 +1,11 @@
-"""Figures and page rendering of the SAFE report (``kdaif_jax.report``).
+"""Figures of the SAFE report (``kdaif_jax.report``): plain data in, one PNG file out.
 
-Figures: plain data in, one PNG file out. Uses ``matplotlib.figure.Figure`` directly (the
-Agg canvas, no pyplot): no display, no global backend switch, no open-figure
-registry to leak. Rendering: the report's blocks to Markdown and to one
-self-contained HTML page.
+Uses ``matplotlib.figure.Figure`` directly (the Agg canvas, no pyplot): no display, no
+global backend switch, no open-figure registry to leak. Each function takes the output
+path first and returns it.
 """
 
 from __future__ import annotations
-
-import base64
-import html
-import os
-import re
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -24,13 +18,6 @@ _CLEAN, _FLIPPED = "tab:blue", "tab:red"
 def _save(fig: Figure, path: str) -> str:
   fig.savefig(path, dpi=_DPI, format="png")
   return path
-
-
-def _num(v) -> float:
-  try:
-    return float(v)
-  except (TypeError, ValueError):
-    return float("nan")
 
 
 def _empty(ax, text: str) -> None:
@@ -77,63 +64,6 @@ def training_curves(path: str, rows: dict[str, list[dict]]) -> str:
       else:
         _empty(ax, f"{net}: no {metric} logged")
   return _save(fig, path)
-
-
-def series(records: list[dict], kind: str, phase: str, net: str | None, split: str | None):
-  """(epochs, {metric: per-epoch mean}) of the matching metrics.jsonl records.
-
-  Eval records carry the number of epochs done; a train record carries the epoch it is
-  in, so it is placed at the end of that epoch (epoch + 1).
-  """
-  by: dict[int, dict[str, list]] = {}
-  for r in records:
-    if (r.get("kind"), r.get("phase"), r.get("net"), r.get("split")) != (kind, phase, net, split):
-      continue
-    e = int(_num(r.get("epoch", 0))) + (kind == "train")
-    for m in ("accuracy", "loss"):
-      by.setdefault(e, {}).setdefault(m, []).append(_num(r.get(m)))
-  xs = sorted(by)
-  return xs, {m: [float(np.mean(by[e].get(m, [np.nan]))) for e in xs] for m in ("accuracy", "loss")}
-
-
-def curve_lines(
-  records: list[dict],
-  phase: str,
-  net: str,
-  name: str,
-  color: str,
-  offset: int = 0,
-  splits: tuple[str, ...] = ("val", "test"),
-) -> list[dict]:
-  """Lines for ``training_curves``: eval accuracy/loss of ``net`` in ``phase`` per split,
-  and (when ``net`` is the phase's own network) the epoch mean of the train objective."""
-  out = []
-  for split, ls, marker in zip(splits, ("-", "--"), ("o", "x"), strict=False):
-    x, ys = series(records, "eval", phase, net, split)
-    if x:
-      out.append(
-        {
-          "label": f"{name} {split}",
-          "x": [e + offset for e in x],
-          **ys,
-          "color": color,
-          "ls": ls,
-          "marker": marker,
-        }
-      )
-  if splits == ("val", "test"):
-    x, ys = series(records, "train", phase, None, None)
-    if x and net == phase:
-      out.append(
-        {
-          "label": f"{name} train (objective)",
-          "x": [e + offset for e in x],
-          "loss": ys["loss"],
-          "color": color,
-          "ls": ":",
-        }
-      )
-  return out
 
 
 def weights_and_detection(
@@ -293,67 +223,3 @@ def reliability(path: str, curves: dict[str, tuple]) -> str:
     ax.set_title(f"{net}: ECE {ece:.3f}")
     ax.legend(fontsize=7, loc="upper left")
   return _save(fig, path)
-
-
-# --------------------------------------------------------------------------
-# Rendering the report's blocks: ("h", level, text), ("p", text),
-# ("table", header, rows), ("ul", items), ("img", file name, alt)
-# --------------------------------------------------------------------------
-
-
-def render_markdown(blocks: list[tuple]) -> str:
-  """Markdown; pictures linked by file name (they sit beside report.md)."""
-  out = []
-  for b in blocks:
-    if b[0] == "h":
-      out.append("#" * b[1] + " " + b[2])
-    elif b[0] == "p":
-      out.append(b[1])
-    elif b[0] == "ul":
-      out.append("\n".join(f"- {item}" for item in b[1]))
-    elif b[0] == "table":
-      cells = lambda row: "| " + " | ".join(str(v).replace("|", "/") for v in row) + " |"
-      out.append("\n".join([cells(b[1]), cells(["---"] * len(b[1]))] + [cells(r) for r in b[2]]))
-    elif b[0] == "img":
-      out.append(f"![{b[2]}]({b[1]})")
-  return "\n\n".join(out) + "\n"
-
-
-def _inline(text: str) -> str:
-  """Escaped HTML with `code` and **bold** spans."""
-  text = html.escape(str(text))
-  text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-  return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
-
-
-_CSS = (
-  "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-  "line-height:1.45}table{border-collapse:collapse;margin:0.5em 0}"
-  "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
-  "img{max-width:100%}code{background:#f3f3f3;padding:0 3px}"
-)
-
-
-def render_html(blocks: list[tuple], folder: str, title: str) -> str:
-  """One self-contained HTML page: every picture embedded as a base64 data URI."""
-  out = [
-    f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-    f"</title><style>{_CSS}</style></head><body>"
-  ]
-  for b in blocks:
-    if b[0] == "h":
-      out.append(f"<h{b[1]}>{_inline(b[2])}</h{b[1]}>")
-    elif b[0] == "p":
-      out.append(f"<p>{_inline(b[1])}</p>")
-    elif b[0] == "ul":
-      out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b[1]) + "</ul>")
-    elif b[0] == "table":
-      head = "".join(f"<th>{_inline(v)}</th>" for v in b[1])
-      rows = "".join("<tr>" + "".join(f"<td>{_inline(v)}</td>" for v in r) + "</tr>" for r in b[2])
-      out.append(f"<table><tr>{head}</tr>{rows}</table>")
-    elif b[0] == "img":
-      with open(os.path.join(folder, b[1]), "rb") as f:
-        data = base64.b64encode(f.read()).decode("ascii")
-      out.append(f"<p><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'></p>")
-  out.append("</body></html>")
-  return "\n".join(out)

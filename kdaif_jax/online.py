@@ -1,0 +1,226 @@
+"""The per-step influence block and the ``joint`` feedback, shared by the
+supervised step (``step``) and the semi-supervised step (``ssl``).
+
+On a refresh step the block runs ``influence.batch_influence`` (the same
+function the dense-oracle tests check) on the device's shard of the batch;
+between refreshes it reuses the cached direction s and runs only the scores.
+Then the weights (docs/method.md §2), constants for the update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kdaif_jax import influence, losses, objectives
+from kdaif_jax import weights as weights_lib
+from kdaif_jax.options import InfluenceOptions
+from kdaif_jax.parallel import device_local
+
+PyTree = Any
+
+__all__ = [
+  "BatchInfluence",
+  "feedback_weights",
+  "online_influence",
+  "student_influence",
+  "teacher_feedback_loss",
+  "weight_metrics",
+]
+
+
+class BatchInfluence(NamedTuple):
+  """What the online block gives the step.
+
+  s: the direction (C + λI)⁻¹ g_V used this step (cached for the next).
+  stats: [3] float32 iterations, relative residual, negative-curvature flag of
+    the newest solve (carried over on steps that reuse s).
+  scores: [b] influence of the local examples (negative = helpful).
+  weights: [b] weights, mean 1 over the global batch, gradient stopped.
+  metrics: the solve statistics by name, for the logs.
+  """
+
+  s: PyTree
+  stats: jax.Array
+  scores: jax.Array
+  weights: jax.Array
+  metrics: dict
+
+
+def online_influence(
+  params: PyTree,
+  train_loss: influence.PerExampleLoss,
+  val_loss: Any,
+  s_prev: PyTree,
+  stats_prev: jax.Array,
+  opts: InfluenceOptions,
+  *,
+  refresh: bool,
+  axis_name: str | None,
+) -> BatchInfluence:
+  """docs/method.md §1-2 for the batch: influence of every example, then weights.
+
+  On a refresh step, ``influence.batch_influence`` on the local shard (g_V and
+  the curvature averaged over ``axis_name``; CG warm-started from ``s_prev``
+  when ``opts.warm_start``); otherwise s = ``s_prev`` and only the scores
+  I = −jvp(ℓ_B, s) are computed.
+
+  Args:
+    params: student params (replicated).
+    train_loss: per-example training loss of the local batch.
+    val_loss: ``params -> []`` validation loss of the local validation shard.
+    s_prev: the previous direction (warm start, or reused when not refreshing).
+    stats_prev: [3] solve statistics of the previous solve.
+    opts: solver, weight map and warm start.
+    refresh: recompute g_V and s.
+    axis_name: mesh axis, or None.
+
+  Returns:
+    ``BatchInfluence``.
+  """
+  if refresh:
+    result = influence.batch_influence(
+      params,
+      train_loss,
+      val_loss,
+      x0=s_prev if opts.warm_start else None,
+      axis_name=axis_name,
+      **opts.solver._asdict(),
+    )
+    s, scores, info = result.s, result.scores, result.info
+    stats = jnp.stack(
+      [
+        info.iterations.astype(jnp.float32),
+        info.residual,
+        info.negative_curvature.astype(jnp.float32),
+      ]
+    )
+  else:
+    s, stats = s_prev, stats_prev
+    local = lambda tree: device_local(tree, axis_name)
+    scores = influence.scores(train_loss, local(params), local(s))
+  w = jax.lax.stop_gradient(opts.weights(scores, axis_name=axis_name))
+  metrics = {"cg_iterations": stats[0], "cg_residual": stats[1], "cg_negative_curvature": stats[2]}
+  return BatchInfluence(s, stats, scores, w, metrics)
+
+
+def student_influence(
+  state: Any,
+  student,
+  inputs: jax.Array,
+  per_example: Any,
+  val_inputs: jax.Array,
+  val_labels: jax.Array,
+  opts: InfluenceOptions,
+  *,
+  refresh: bool,
+  axis_name: str | None,
+) -> tuple[Any, BatchInfluence]:
+  """``online_influence`` of the student in ``state`` on a batch; the state keeps s.
+
+  The form both training steps call: the training loss ℓ_B and the validation
+  loss L_V are the student's in inference mode (``objectives``), the previous
+  direction and solve statistics come from ``state.s`` / ``state.solve_stats``
+  and the new ones are stored back.
+
+  Args:
+    state: a ``step.TrainState``.
+    student: the student ``models.Model``.
+    inputs: [b, ...] prepared training inputs of the local shard.
+    per_example: ``logits -> [b]`` training losses (targets closed over).
+    val_inputs, val_labels: the local shard of the validation batch.
+    opts, refresh, axis_name: as in ``online_influence``.
+
+  Returns:
+    ``(state with s and solve_stats, BatchInfluence)``.
+  """
+  stu = state.student
+  block = online_influence(
+    stu.params,
+    objectives.training_loss(student, stu.model_state, inputs, per_example),
+    objectives.validation_loss(student, stu.model_state, val_inputs, val_labels),
+    state.s,
+    state.solve_stats,
+    opts,
+    refresh=refresh,
+    axis_name=axis_name,
+  )
+  return state.replace(s=block.s, solve_stats=block.stats), block
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array, axis_name: str | None) -> jax.Array:
+  m = mask.astype(jnp.float32)
+  num, den = jnp.sum(m * x), jnp.sum(m)
+  if axis_name:
+    num, den = jax.lax.psum((num, den), axis_name)
+  return num / jnp.maximum(den, 1.0)
+
+
+def weight_metrics(
+  w: jax.Array, scores: jax.Array, noisy: jax.Array, axis_name: str | None
+) -> dict[str, jax.Array]:
+  """Global statistics of the batch's weights (and by flipped/clean label).
+
+  Args:
+    w: [b] weights.
+    scores: [b] influence (or losses, for small_loss).
+    noisy: [b] bool, the label was flipped (analysis only).
+    axis_name: mesh axis, or None.
+
+  Returns:
+    dict of scalars: w_mean, w_std, w_min, w_max, w_below_half, influence_std,
+    w_noisy_mean, w_clean_mean.
+  """
+  # The barrier keeps XLA from merging these statistics with the weight map's own
+  # (same expressions): fused together they round differently, and logging must
+  # not change the trajectory of a run.
+  w, scores = jax.lax.optimization_barrier((w, scores))
+  mean, std = weights_lib.moments(w, axis_name)
+  lo, hi = weights_lib.extremes(w, axis_name)
+  everyone = jnp.ones_like(w, dtype=bool)
+  return {
+    "w_mean": mean,
+    "w_std": std,
+    "w_min": lo,
+    "w_max": hi,
+    "w_below_half": _masked_mean((w < 0.5).astype(jnp.float32), everyone, axis_name),
+    "influence_std": weights_lib.moments(scores, axis_name)[1],
+    "w_noisy_mean": _masked_mean(w, noisy, axis_name),
+    "w_clean_mean": _masked_mean(w, ~noisy, axis_name),
+  }
+
+
+def feedback_weights(
+  scores: jax.Array, axis_name: str | None = None, eps: float = 1e-8
+) -> jax.Array:
+  """h_j = −I_j / std(I): the student's standardised helpfulness of example j.
+
+  Args:
+    scores: [B] influence values (negative = helpful to the student).
+    axis_name: mesh axis for the global std, or None.
+    eps: keeps the scale positive for constant scores.
+
+  Returns:
+    [B] feedback; positive where the example (its pseudo-label) helped.
+  """
+  _, std = weights_lib.moments(scores, axis_name)
+  return jax.lax.stop_gradient(-scores / (std + eps))
+
+
+def teacher_feedback_loss(t_logits: jax.Array, pseudo_labels: jax.Array, h: jax.Array) -> jax.Array:
+  """mean_j h_j · CE(ŷ_j, T(x_j)) (docs/method.md §4, ``joint``).
+
+  Minimising it raises the teacher's probability of pseudo-labels that helped
+  the student (h > 0) and lowers it for harmful ones (h < 0).
+
+  Args:
+    t_logits: [B, K] teacher logits (differentiated).
+    pseudo_labels: [B] teacher's hard pseudo-labels ŷ (constants).
+    h: [B] feedback from ``feedback_weights``.
+
+  Returns:
+    scalar loss.
+  """
+  return jnp.mean(h * losses.cross_entropy(t_logits, pseudo_labels))

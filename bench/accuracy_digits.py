@@ -8,22 +8,25 @@ Usage (from the repository root):
         --mechanisms none static periodic online online_identity
 
 Every run is ``kdaif_jax.trainer.train_and_evaluate`` in this process, with
-configs/default.py (``get_config(None)``: digits, cnn_large -> cnn_small, 15 teacher
-and 20 student epochs) and, per (noise, seed): ``seed``, ``data.seed`` and
+configs/default.py (``--config``; ``get_config(None)``: digits, cnn_large ->
+cnn_small, 15 teacher and 20 student epochs) and, per (noise, seed): ``seed``, ``data.seed`` and
 ``data.noise.seed`` = seed, ``data.noise.rate`` = noise (symmetric). The teacher is
 trained ONCE per (noise, seed), by the ``none`` run (always run first, added when not
 asked for); every other mechanism loads it with ``teacher.init = <none workdir>``. The
 teacher's test accuracy must then be identical across mechanisms; the bench checks it.
 
-Mechanism labels: any of ``kdaif_jax.config.MECHANISMS`` (``none`` is plain KD), and
-``online_identity`` = ``online`` with ``kdaif.solver=identity`` (gradient alignment,
-the Learning-to-Reweight / TracIn baseline of docs/method.md §7). The small-loss
-baseline is not reachable through the config (``weights.small_loss`` exists but no
-mechanism uses it), so it is not run here.
+Mechanism labels: any of ``kdaif_jax.config.MECHANISMS`` (``none`` is plain KD,
+``small_loss`` the small-loss baseline), and the ``online`` variants
+``online_identity`` (``kdaif.solver=identity``: gradient alignment, the
+Learning-to-Reweight / TracIn baseline of docs/method.md §7), ``online_all``
+(``kdaif.scope=all``: the exact full-network solve every step) and ``online_head``
+(``kdaif.scope=head``).
+
+``--noise-kind asymmetric`` flips c -> c+1 mod 10 (configs/digits_asym.py's task).
 
 Resumable: runs live in bench/workdirs/accuracy_digits/<tag>/noise<r>_seed<s>/<label>
-(<tag> names the epochs); a run whose workdir holds summary.json is read back, not
-rerun, and an interrupted one resumes from its checkpoints.
+(<tag> names the epochs and the noise kind); a run whose workdir holds summary.json
+is read back, not rerun, and an interrupted one resumes from its checkpoints.
 
 Reported per (noise, mechanism): student test accuracy mean ± sample std over seeds,
 teacher test accuracy, AUROC of the weights for the flipped labels (summary.json's
@@ -81,33 +84,38 @@ def load_config(name: str = "default", arg=None):
   return mod.get_config(arg)
 
 
+# Labels beyond the mechanisms: ablation arms of `online` (config overrides on kdaif).
+VARIANTS = {
+  "online_identity": {"mechanism": "online", "solver": "identity"},
+  "online_all": {"mechanism": "online", "scope": "all"},  # full network, every step
+  "online_head": {"mechanism": "online", "scope": "head"},
+}
+
+
 def resolve_label(label: str) -> dict:
-  """Config overrides of a mechanism label; ValueError for an unknown one."""
-  if label == "online_identity":
-    return {"mechanism": "online", "solver": "identity"}
+  """Config overrides (of ``kdaif``) of a mechanism label; ValueError for an unknown one."""
+  if label in VARIANTS:
+    return dict(VARIANTS[label])
   if label in config_lib.MECHANISMS:
     return {"mechanism": label}
   raise ValueError(
-    f"unknown mechanism label {label!r}; allowed: "
-    f"{', '.join((*config_lib.MECHANISMS, 'online_identity'))}"
+    f"unknown mechanism label {label!r}; allowed: {', '.join((*config_lib.MECHANISMS, *VARIANTS))}"
   )
 
 
 def make_config(args, noise: float, seed: int, label: str, teacher_init: str = ""):
-  cfg = load_config("default", None)
+  cfg = load_config(args.config, None)
   cfg.seed = seed
   cfg.data.seed = seed
   cfg.data.noise.seed = seed
   cfg.data.noise.rate = float(noise)
-  cfg.data.noise.kind = "symmetric"
+  cfg.data.noise.kind = args.noise_kind
   if args.student_epochs is not None:
     cfg.student.epochs = args.student_epochs
   if args.teacher_epochs is not None:
     cfg.teacher.epochs = args.teacher_epochs
-  over = resolve_label(label)
-  cfg.kdaif.mechanism = over["mechanism"]
-  if "solver" in over:
-    cfg.kdaif.solver = over["solver"]
+  for key, value in resolve_label(label).items():
+    cfg.kdaif[key] = value
   cfg.teacher.init = teacher_init
   cfg.progress = args.progress
   config_lib.validate(cfg)
@@ -115,10 +123,12 @@ def make_config(args, noise: float, seed: int, label: str, teacher_init: str = "
 
 
 def tag_of(args) -> str:
-  base = load_config("default", None)
+  base = load_config(args.config, None)
   te = args.teacher_epochs if args.teacher_epochs is not None else base.teacher.epochs
   se = args.student_epochs if args.student_epochs is not None else base.student.epochs
-  return f"te{te}_se{se}"
+  kind = "" if args.noise_kind == "symmetric" else f"_{args.noise_kind}"
+  recipe = "" if args.config == "default" else f"_{args.config}"
+  return f"te{te}_se{se}{kind}{recipe}"
 
 
 def run_dir(args, noise: float, seed: int, label: str) -> pathlib.Path:
@@ -276,6 +286,18 @@ def main():
   ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
   ap.add_argument("--noise", type=float, nargs="+", default=None, help="default 0 0.2 0.4")
   ap.add_argument(
+    "--config",
+    default="default",
+    help="configs/NAME.py whose recipe every arm uses (e.g. digits_asym); the bench "
+    "sets the seeds, the noise rate and kind, and the mechanism",
+  )
+  ap.add_argument(
+    "--noise-kind",
+    default="symmetric",
+    choices=("symmetric", "asymmetric"),
+    help="label noise kind (asymmetric on digits: c -> c+1 mod 10)",
+  )
+  ap.add_argument(
     "--mechanisms",
     nargs="+",
     default=None,
@@ -326,7 +348,7 @@ def main():
     f"{env['backend']}, {env['cpu_count']} CPUs",
     flush=True,
   )
-  base = load_config("default", None)
+  base = load_config(args.config, None)
   t_start = time.perf_counter()
   records: list[dict] = []
   failed = 0

@@ -27,6 +27,7 @@ from kdaif_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
+  arg = config_lib.variant(arg, allowed=("smoke",))
   c = config_lib.wrn_ssl_recipe(config_lib.base_config())
   c.data.name = "cifar10"
   c.data.num_labelled = 4000

@@ -13,6 +13,7 @@ from kdaif_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
+  arg = config_lib.variant(arg, allowed=("smoke",))
   c = config_lib.base_config()
   if arg == "smoke":
     c = config_lib.smoke(c)

@@ -14,6 +14,7 @@ from kdaif_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
+  arg = config_lib.variant(arg, allowed=("smoke",))
   c = config_lib.base_config()
   c.data.noise.rate = 0.4
   c.data.noise.kind = "symmetric"

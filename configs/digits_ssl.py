@@ -18,6 +18,7 @@ from kdaif_jax import config as config_lib
 
 
 def get_config(arg: str | None = None):
+  arg = config_lib.variant(arg, allowed=("smoke",))
   c = config_lib.base_config()
   c.data.num_labelled = 100
   c.data.val_size = 50

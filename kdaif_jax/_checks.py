@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -66,10 +67,104 @@ def check_choice(value: Any, name: str, allowed: Sequence[str]) -> None:
     raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
-def check_finite_tree(tree: Any, name: str) -> None:
-  """Raises ValueError if a concrete (non-traced) leaf of ``tree`` has NaN or inf."""
+def check_finite_tree(tree: Any, name: str, hint: str = "") -> None:
+  """Raises ValueError if a concrete (non-traced) leaf of ``tree`` has NaN or inf.
+
+  Traced leaves (under ``jit``/``vmap``/``grad``) are skipped: their values are
+  unknown at trace time, so the check costs nothing inside compiled code. The
+  finiteness of device arrays is reduced on the device, one transfer in all.
+  ``hint`` is appended to the message.
+  """
+  concrete = [
+    (path, leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if not _is_traced(leaf) and _is_numeric(leaf)
+  ]
+  if not concrete:
+    return
+  flags = [
+    np.all(np.isfinite(leaf))
+    if isinstance(leaf, (np.ndarray, np.generic, float, int))
+    # device arrays: reduce where they live
+    else jnp.all(jnp.isfinite(leaf))
+    for _, leaf in concrete
+  ]
+  ok = np.asarray(jax.device_get(flags), bool).reshape(-1)
+  if ok.all():
+    return
+  path = concrete[int(np.argmin(ok))][0]
+  raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or inf{hint}")
+
+
+def _is_numeric(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  if dtype is None:
+    return isinstance(leaf, (int, float, complex)) and not isinstance(leaf, bool)
+  return bool(jnp.issubdtype(dtype, jnp.number))
+
+
+def dtype_of(leaf: Any) -> Any:
+  """The dtype of an array, or numpy's for a Python scalar."""
+  dtype = getattr(leaf, "dtype", None)
+  return np.asarray(leaf).dtype if dtype is None else dtype
+
+
+def check_float_tree(tree: Any, name: str) -> None:
+  """Raises ValueError unless every leaf of ``tree`` has a floating-point dtype.
+
+  Dtypes are static, so this also checks traced leaves (free under ``jit``).
+  """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if _is_traced(leaf):
-      continue
-    if not np.all(np.isfinite(np.asarray(leaf))):
-      raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains NaN or inf")
+    dtype = dtype_of(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+        f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}; "
+        "it must be floating point (e.g. float32), cast it first"
+      )
+
+
+def check_positive(value: Any, name: str) -> None:
+  """Raises ValueError for a concrete value that is not a finite number > 0."""
+  if _is_traced(value):
+    return
+  v = float(np.asarray(value))
+  if not np.isfinite(v) or v <= 0:
+    raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_in_range(value: Any, name: str, lo: float, hi: float) -> None:
+  """Raises ValueError for a concrete value outside the closed interval [lo, hi]."""
+  if _is_traced(value):
+    return
+  v = float(np.asarray(value))
+  if not (np.isfinite(v) and lo <= v <= hi):
+    raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value}")
+
+
+def check_vector(x: Any, name: str, *, allow_empty: bool = False) -> None:
+  """Raises ValueError unless ``x`` is a 1-D array (of at least one element).
+
+  Shapes are static, so this also checks traced arrays (free under ``jit``).
+  """
+  shape = np.shape(x)
+  if len(shape) != 1:
+    raise ValueError(f"{name} must be a 1-D vector [B], got shape {shape}")
+  if shape[0] == 0 and not allow_empty:
+    raise ValueError(f"{name} is empty (shape {shape}); it needs at least one element")
+
+
+def check_class_ids(labels: Any, num_classes: int, name: str, *, lo: int = 0) -> None:
+  """Raises ValueError if concrete integer ``labels`` leave [lo, num_classes − 1].
+
+  Traced labels are skipped (values unknown at trace time).
+  """
+  if _is_traced(labels):
+    return
+  y = np.asarray(labels)
+  bad = (y < lo) | (y >= num_classes)
+  if bad.any():
+    i = int(np.argmax(bad.reshape(-1)))
+    raise ValueError(
+      f"{name} contains {y.reshape(-1)[i]} at index {i}; class ids must be in "
+      f"{lo}..{num_classes - 1} (K={num_classes} classes)"
+    )

@@ -1,27 +1,114 @@
-"""Orbax checkpoints of a run's phases, and the workdir's experiment fingerprint.
+"""Orbax checkpoints of a run's phases, the workdir's experiment fingerprint and lock.
 
 Each phase (teacher, proxy, student) has its own ``CheckpointManager`` under
 ``WORKDIR/checkpoints/PHASE``. Orbax writes a step into a temporary folder and
 renames it only when complete, so a run killed at any moment leaves the newest
 complete checkpoint intact; a rerun restores it and loses at most the steps
 since then.
+
+Every saved state carries a checksum in its JSON record (``state_digest``:
+exact integer sums of each leaf's bits, independent of device and reduction
+order). ``PhaseCheckpoints.restore_newest_valid`` restores the newest step that
+reads, matches its checksum and is finite, and moves the steps it skipped aside
+(``STEP.corrupt``). ``WorkdirLock`` (``kdaif_jax.workdir_lock``, re-exported
+here) keeps two trainers out of one workdir.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+# Re-exported: the trainer and main.py reach the lock through this module.
+from kdaif_jax.workdir_lock import LOCK_FILE as LOCK_FILE
+from kdaif_jax.workdir_lock import WorkdirLock as WorkdirLock
+from kdaif_jax.workdir_lock import WorkdirLockedError as WorkdirLockedError
+
 EXPERIMENT_FILE = "experiment.json"
+
+log = logging.getLogger("kdaif_jax")
 
 
 class CheckpointMismatchError(ValueError):
-  """The workdir holds checkpoints of a different experiment."""
+  """The workdir belongs to a different experiment (its experiment.json differs)."""
+
+
+class CheckpointCorruptError(RuntimeError):
+  """No checkpoint of a phase could be restored (all unreadable, altered or non-finite)."""
+
+
+# --------------------------------------------------------------------------
+# Checksums and finiteness of a state
+# --------------------------------------------------------------------------
+
+
+def _fetchable(x: Any) -> Any:
+  """A leaf ready for ``jax.device_get`` (raw key data for typed PRNG keys)."""
+  if isinstance(x, jax.Array):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)
+    if not x.is_fully_addressable:  # multi-host: the state is replicated, any copy will do
+      x = x.addressable_data(0)
+  return x
+
+
+def _is_float(x: np.ndarray) -> bool:
+  return np.issubdtype(x.dtype, np.inexact) or "float" in x.dtype.name  # ml_dtypes: bfloat16
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+  """The bit patterns of ``x`` as a flat uint32 vector."""
+  if x.dtype == np.bool_:
+    return x.astype(np.uint32).reshape(-1)
+  size = x.dtype.itemsize
+  view = {1: np.uint8, 2: np.uint16}.get(size, np.uint32)
+  return np.ascontiguousarray(x).view(view).astype(np.uint32).reshape(-1)
+
+
+def state_digest(state: Any) -> tuple[bool, str]:
+  """Whether every floating leaf of ``state`` is finite, and a checksum of all its bits.
+
+  The state is fetched once (one batched device-to-host copy, as the save itself
+  makes) and summed on the host: no compilation, a few milliseconds for the
+  smoke state (360k numbers), well under a second for millions of parameters.
+  The checksum is the sum of all leaves' bit patterns (as uint32) and their
+  position-weighted sum, both mod 2^32: integer sums are exact, so it depends
+  only on the bits, not on the device, the sharding or the reduction order.
+
+  Returns:
+    ``(finite, checksum)``: checksum is ``"u32x2:"`` + a sha256 of the two sums.
+  """
+  leaves = jax.device_get([_fetchable(x) for x in jax.tree.leaves(state)])
+  leaves = [np.asarray(x) for x in leaves]
+  finite = all(
+    bool(np.isfinite(x.astype(np.float32) if x.dtype.itemsize < 4 else x).all())
+    for x in leaves
+    if _is_float(x)
+  )
+  u = np.concatenate([_bits(x) for x in leaves]) if leaves else np.zeros(0, np.uint32)
+  pos = np.arange(u.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+  sums = np.array([u.sum(dtype=np.uint32), (u * pos).sum(dtype=np.uint32)], "<u4")
+  digest = hashlib.sha256(sums.tobytes() + str(len(leaves)).encode()).hexdigest()
+  return finite, f"u32x2:{digest[:32]}"
+
+
+class _Invalid(ValueError):
+  """A checkpoint that reads but must not be used (its message says why)."""
+
+
+def _one_line(err: BaseException, limit: int = 160) -> str:
+  text = " ".join(str(err).split())
+  if len(text) > limit:
+    text = text[: limit - 3] + "..."
+  return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class PhaseCheckpoints:
@@ -63,6 +150,76 @@ class PhaseCheckpoints:
     )
     return out.state, dict(out.record or {})
 
+  def _check(self, like: Any, step: int) -> tuple[Any, dict]:
+    """Restores ``step`` and verifies it; raises ValueError naming what is wrong."""
+    state, record = self.restore(like, step)
+    finite, digest = state_digest(state)
+    expected = record.get("checksum")
+    if expected is not None and expected != digest:
+      raise _Invalid("checksum mismatch: its data changed on disk")
+    if not finite:
+      raise _Invalid("it holds non-finite values (NaN or inf)")
+    return state, record
+
+  def restore_newest_valid(self, like: Any, phase: str = "") -> tuple[Any, dict, int] | None:
+    """The newest step that restores, matches its checksum and is finite.
+
+    Each newer step skipped is logged in one line and moved aside to
+    ``STEP.corrupt`` (kept for inspection; Orbax ignores it), so that the phase
+    can save that step number again.
+
+    Args:
+      like: a state with the expected structure, shapes and placement.
+      phase: the phase's name, for the log lines.
+
+    Returns:
+      ``(state, record, step)``, or None when the folder has no complete step.
+
+    Raises:
+      CheckpointCorruptError: steps exist but none passes (one line naming the folder).
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    problems = []
+    for step in steps:
+      try:
+        state, record = self._check(like, step)
+      except _Invalid as err:
+        problems.append((step, str(err)))
+        continue
+      except Exception as err:  # noqa: BLE001 - any failure to read means: try an older step
+        problems.append((step, f"unreadable: {_one_line(err)}"))
+        continue
+      for bad, why in problems:
+        moved = self._move_aside(bad)
+        log.warning(
+          "%s: checkpoint at step %d skipped (%s); moved to %s; resuming from step %d",
+          phase or os.path.basename(self.directory),
+          bad,
+          why,
+          moved,
+          step,
+        )
+      if problems:
+        self._manager.reload()
+      return state, record, step
+    detail = "; ".join(f"step {s}: {why}" for s, why in problems)
+    raise CheckpointCorruptError(
+      f"no checkpoint in {self.directory} could be restored ({detail}); "
+      "delete that folder to restart the phase"
+    )
+
+  def _move_aside(self, step: int) -> str:
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.corrupt"
+    n = 1
+    while os.path.exists(dst):
+      dst, n = f"{src}.corrupt{n}", n + 1
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    return dst
+
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
     self._manager.wait_until_finished()
@@ -78,7 +235,8 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
 
   No target structure is needed and the arrays do not depend on the devices
   that wrote them, so a checkpoint from a GPU run reads on a laptop. A step that
-  fails to read (e.g. cut short on disk) falls back to the next older one.
+  fails to read (e.g. cut short on disk) or holds non-finite values in ``net``
+  falls back to the next older one.
 
   Args:
     folder: a ``checkpoints/PHASE`` folder.
@@ -120,7 +278,11 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
         tree = getattr(tree, "tree", tree)
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         state = ckptr.restore(path, restore_args=args)
-        return state[net]["params"], state[net].get("model_state") or {}, step
+        params, model_state = state[net]["params"], state[net].get("model_state") or {}
+        for leaf in jax.tree.leaves((params, model_state)):
+          if _is_float(np.asarray(leaf)) and not np.isfinite(np.asarray(leaf, np.float32)).all():
+            raise _Invalid(f"step {step}: {net} holds non-finite values (NaN or inf)")
+        return params, model_state, step
       except Exception as err:  # noqa: BLE001 - try the next older step
         error = err
     raise RuntimeError(f"{folder}: {error}")
@@ -142,26 +304,37 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def check_experiment(workdir: str, fingerprint: dict) -> None:
   """Records ``fingerprint`` in the workdir, or checks it against the one there.
 
+  The trainer calls it before the first step, with the workdir locked.
+
   Raises:
-    CheckpointMismatchError: the workdir has checkpoints from a run whose
-      fingerprint differs; the message names the differing options.
+    CheckpointMismatchError: the workdir was made by a run (finished, stopped or
+      still without checkpoints) whose fingerprint differs; the message names
+      the differing options. Also when its experiment.json is unreadable.
   """
   path = os.path.join(workdir, EXPERIMENT_FILE)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  has_ckpt = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
-  if os.path.exists(path) and has_ckpt:
-    with open(path) as f:
-      old = _flatten(json.load(f))
+  # Checked whenever the file exists, not only once checkpoints do: a run stopped
+  # before its first checkpoint left metrics and config files of its experiment.
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = _flatten(json.load(f))
+    except (OSError, ValueError) as err:
+      raise CheckpointMismatchError(
+        f"--workdir={workdir}: {path} is unreadable ({_one_line(err)}); "
+        "use a new --workdir, or delete that file if the workdir is this experiment's"
+      ) from None
     new = _flatten(json.loads(json.dumps(fingerprint)))
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
       more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
       raise CheckpointMismatchError(
-        f"--workdir={workdir} holds checkpoints of a different experiment ({shown}{more}); "
+        f"--workdir={workdir} holds a different experiment ({shown}{more}); "
         "use a new --workdir or delete that one"
       )
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
     json.dump(fingerprint, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)  # never a half-written fingerprint

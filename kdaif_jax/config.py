@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
       cg_iters=5,
       cg_tol=1e-6,
       warm_start=True,
+      scope="head",  # influence in the classifier layer ("all": the whole student)
       refresh_every=1,
       unroll="auto",
       lissa_scale=10.0,
@@ -134,7 +135,10 @@ def step_options(
     mechanism=options.Mechanism(mechanism or k.mechanism),
     kd=kd_options(cfg),
     influence=options.InfluenceOptions(
-      solver=_solver(k, k.cg_iters), weights=weight_map(cfg), warm_start=bool(k.warm_start)
+      solver=_solver(k, k.cg_iters),
+      weights=weight_map(cfg),
+      warm_start=bool(k.warm_start),
+      scope=k.scope,
     ),
     joint_mu=float(k.joint.mu),
     ssl=options.SSLOptions(
@@ -161,6 +165,7 @@ def scorer_options(cfg: ml_collections.ConfigDict) -> options.ScorerOptions:
     total_iters=int(k.whole_set.cg_iters),
     curvature_size=int(k.whole_set.curvature_size),
     chunk_size=int(cfg.eval_batch_size),
+    scope=k.scope,
   )
 
 
@@ -270,6 +275,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.curvature", influence.CURVATURES)
   _choice(cfg, f"{k}.solver", influence.SOLVERS)
   _choice(cfg, f"{k}.unroll", UNROLL)
+  _choice(cfg, f"{k}.scope", options.SCOPES)
   _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
   _number(cfg, f"{k}.damping", 0)
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
@@ -309,6 +315,32 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, "eval_every_epochs", 1, integer=True)
   _number(cfg, "checkpoint_every_steps", 1, integer=True)
   _choice(cfg, "progress", PROGRESS)
+
+
+def variant(arg: str | None, allowed: tuple[str, ...] = ("smoke",)) -> str | None:
+  """Checks a config file's argument (``--config=FILE:ARG``) against its variants.
+
+  Every ``get_config(arg)`` in ``configs/`` starts with it, so that a misspelt
+  variant (``:smok``) fails at once instead of running the full experiment.
+
+  Args:
+    arg: the argument; None or "" mean the full experiment.
+    allowed: the file's variant names.
+
+  Returns:
+    ``arg``, or None for the full experiment.
+
+  Raises:
+    ValueError: one line naming ``arg`` and the allowed variants.
+  """
+  if arg is None or arg == "":
+    return None
+  if arg not in allowed:
+    raise ValueError(
+      f"unknown config variant {arg!r}; allowed: {', '.join(allowed)} "
+      "(or none, FILE.py without ':', for the full experiment)"
+    )
+  return arg
 
 
 def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

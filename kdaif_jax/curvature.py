@@ -36,9 +36,14 @@ def hvp(f: Callable[..., jax.Array], params: PyTree, v: PyTree, *args, **kwargs)
     Pytree like ``params``: H v.
 
   Raises:
-    ValueError: ``v`` does not match ``params``, or ``f`` is not scalar.
+    ValueError: ``params`` not floating point, ``v`` not matching ``params``,
+      ``f`` not scalar, or (for concrete, i.e. not traced, inputs) NaN or inf
+      in ``params`` or ``v``. Under ``jit`` values are not checked: see the
+      README's "Library input checks".
   """
+  _check_params(params)
   _checks.check_tree_match(params, v, "v", "params")
+  _checks.check_finite_tree(v, "v")
   _checks.check_scalar_fn(f, "f", params, *args, **kwargs)
   grad_f = lambda p: jax.grad(f)(p, *args, **kwargs)
   return jax.jvp(grad_f, (params,), (v,))[1]
@@ -57,7 +62,11 @@ def make_hvp(f: Callable[[PyTree], jax.Array], params: PyTree) -> Matvec:
 
   Returns:
     A linear function mapping a pytree like ``params`` to H v.
+
+  Raises:
+    ValueError: as ``hvp`` for ``params`` and ``f``.
   """
+  _check_params(params)
   _checks.check_scalar_fn(f, "f", params)
   _, lin = jax.linearize(jax.grad(f), params)
   return _checked_matvec(lin, params)
@@ -87,7 +96,11 @@ def make_gnvp(
 
   Returns:
     A linear function mapping a pytree like ``params`` to G v.
+
+  Raises:
+    ValueError: as ``hvp`` for ``params``; ``loss_fn`` not scalar.
   """
+  _check_params(params)
   outputs, jvp_fn = jax.linearize(outputs_fn, params)
   _checks.check_scalar_fn(loss_fn, "loss_fn", outputs)
   vjp_fn = jax.linear_transpose(jvp_fn, params)
@@ -115,13 +128,24 @@ def gnvp(
 
   Returns:
     Pytree like ``params``: G v with G = Jᵀ ∇²loss_fn(outputs) J.
+
+  Raises:
+    ValueError: as ``hvp`` for ``params`` and ``v``; ``loss_fn`` not scalar.
   """
+  _check_params(params)
   _checks.check_tree_match(params, v, "v", "params")
+  _checks.check_finite_tree(v, "v")
   outputs, jv = jax.jvp(outputs_fn, (params,), (v,))
   _checks.check_scalar_fn(loss_fn, "loss_fn", outputs)
   hjv = jax.jvp(jax.grad(loss_fn), (outputs,), (jv,))[1]
   _, vjp_fn = jax.vjp(outputs_fn, params)
   return vjp_fn(hjv)[0]
+
+
+def _check_params(params: PyTree) -> None:
+  """Floating-point leaves (always) and finite values (when concrete)."""
+  _checks.check_float_tree(params, "params")
+  _checks.check_finite_tree(params, "params")
 
 
 def _checked_matvec(fn: Matvec, params: PyTree) -> Matvec:

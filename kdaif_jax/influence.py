@@ -46,6 +46,7 @@ __all__ = [
   "SOLVERS",
   "Influence",
   "PerExampleLoss",
+  "Restricted",
   "SolveInfo",
   "SolverOptions",
   "batch_influence",
@@ -60,6 +61,7 @@ __all__ = [
   "lissa",
   "make_gnvp",
   "make_hvp",
+  "restrict",
   "scores",
   "solve_direction",
 ]
@@ -97,8 +99,17 @@ def scores(
 
   Returns:
     float array [B]; I_i < 0 marks a helpful example, I_i > 0 a harmful one.
+
+  Raises:
+    ValueError: ``params`` not floating point, ``s`` not shaped like
+      ``params``, the loss not a [B] vector, or (for concrete, i.e. not traced,
+      inputs) NaN or inf in ``params`` or ``s``. Under ``jit`` values are not
+      checked: see the README's "Library input checks".
   """
+  _checks.check_float_tree(params, "params")
   _checks.check_tree_match(params, s, "s", "params")
+  _checks.check_finite_tree(params, "params")
+  _checks.check_finite_tree(s, "s")
   out = jax.eval_shape(lambda p: per_example_loss_fn(p, *args, **kwargs), params)
   if getattr(out, "ndim", None) != 1:
     raise ValueError(
@@ -192,9 +203,10 @@ def inverse_hvp(
   """
   _checks.check_choice(solver, "solver", SOLVERS)
   if solver == "identity":
+    _checks.check_float_tree(b, "b")
     _checks.check_finite_tree(b, "b")
-    zero = jnp.zeros((), jnp.int32)
-    return b, SolveInfo(zero, jnp.zeros(()), jnp.zeros((), bool), tree_isfinite(b))
+    zero, finite = jnp.zeros((), jnp.int32), tree_isfinite(b)
+    return b, SolveInfo(zero, jnp.zeros(()), jnp.zeros((), bool), finite, ~finite)
   if matvec is None:
     raise ValueError(f"solver={solver!r} needs a curvature matvec, got None")
   if solver == "cg":
@@ -317,6 +329,57 @@ def batch_influence(
   )
   local = lambda tree: parallel.device_local(tree, axis_name)
   return Influence(scores(train_loss, local(params), local(s)), s, g_v, info)
+
+
+class Restricted(NamedTuple):
+  """Influence restricted to a subset of the parameters (``restrict``).
+
+  params: the selected top-level entries of the params dict.
+  train_loss: the training loss as a function of them (the rest held fixed).
+  val_loss_fn: the validation loss as a function of them.
+  """
+
+  params: PyTree
+  train_loss: PerExampleLoss
+  val_loss_fn: Callable[[PyTree], jax.Array]
+
+
+def restrict(
+  params: dict,
+  train_loss: PerExampleLoss,
+  val_loss_fn: Callable[[PyTree], jax.Array],
+  keys: tuple[str, ...],
+) -> Restricted:
+  """The influence pipeline's inputs restricted to the params entries ``keys``.
+
+  Influence on a parameter subset θ_S (the rest held fixed): g_V, the curvature
+  and the scores all live in θ_S's space, I_i = -∇_S ℓ_iᵀ (C_SS + λI)⁻¹ ∇_S L_V.
+  With ``keys`` = every entry, the functions are the originals (same scores).
+  Restricted to the classifier head, the curvature is that of a linear model on
+  the last hidden features: a solve in a small space, and the network body is
+  only run forward.
+
+  Args:
+    params: a dict of top-level parameter entries (a Flax params dict).
+    train_loss: per-example training loss of the full params.
+    val_loss_fn: ``params -> []`` validation loss of the full params.
+    keys: the top-level entries to keep.
+
+  Returns:
+    ``Restricted``; pass its fields to ``batch_influence`` / ``solve_direction``.
+
+  Raises:
+    ValueError: a key that is not in ``params``.
+  """
+  missing = [k for k in keys if k not in params]
+  if missing or not keys:
+    raise ValueError(f"keys {list(keys)} must be non-empty entries of params {sorted(params)}")
+  merge = lambda sub: {**params, **sub}
+  return Restricted(
+    {k: params[k] for k in keys},
+    PerExampleLoss(lambda sub: train_loss.outputs_fn(merge(sub)), train_loss.loss_fn),
+    lambda sub: val_loss_fn(merge(sub)),
+  )
 
 
 def flatten(tree: PyTree) -> jax.Array:

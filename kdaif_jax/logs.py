@@ -115,9 +115,15 @@ class Progress:
       )
 
   def close(self) -> float:
-    """Ends the bar; returns steps per second after the first (compiling) step."""
+    """Ends the bar; returns steps per second after the first (compiling) step.
+
+    With a single step in this invocation that step's own rate (compilation
+    included); 0.0 when none ran.
+    """
     if self._bar is not None:
       self._bar.close()
+    if self._first is not None and self._step == self._first:
+      return (self._step - self._start_step) / max(self._t_first - self._t0, 1e-9)
     return self._rate()
 
   def _rate(self) -> float:

@@ -22,6 +22,7 @@ import numpy as np
 
 from kdaif_jax import checkpoint, data, models, parallel
 from kdaif_jax import step as step_lib
+from kdaif_jax.divergence import diverged_error, divergence, watched
 from kdaif_jax.logs import MetricsWriter, Progress, log
 from kdaif_jax.options import Mechanism
 from kdaif_jax.parallel import BATCH, REPLICATED
@@ -92,10 +93,17 @@ class StepFns:
 
 @dataclasses.dataclass(frozen=True)
 class PhaseTime:
-  """Wall time of a phase (all invocations) and its step rate in this invocation."""
+  """Wall time of a phase (all invocations) and its step rate in this invocation.
+
+  seconds: wall time of the phase over all invocations.
+  steps_per_second: rate of the steps run in this invocation (after the first,
+    compiling one when there were two or more); None when it ran none.
+  steps: steps run in this invocation (0 when resumed at the phase's end).
+  """
 
   seconds: float
-  steps_per_second: float
+  steps_per_second: float | None
+  steps: int = 0
 
 
 # --------------------------------------------------------------------------
@@ -324,27 +332,61 @@ def run_phase(
   t0 = time.time()
   perm, perm_epoch = None, -1
   step = start
+  # The divergence guard reads the watched metrics of every step one step late
+  # (while the next one runs, so the host never waits for the device) and at
+  # once at log and checkpoint steps; a non-finite state is never saved.
+  pending = None  # (step, epoch, metrics) not yet checked
+
+  def check(item):
+    p_step, p_epoch, p_metrics = item
+    what = divergence(jax.device_get(watched(p_metrics)))
+    if what is not None:
+      m = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
+      run.writer.write({"kind": "train", "phase": phase, "step": p_step, "epoch": p_epoch, **m})
+      raise diverged_error(run.cfg, phase, p_step, what, ckpt)
+
   while step < total:
     epoch, i = divmod(step, spe)
     if epoch != perm_epoch:
       if i == 0 and on_epoch_start is not None:
+        if pending is not None:  # do not rescore a diverged state
+          check(pending)
+          pending = None
         state = on_epoch_start(state, epoch)
       perm, perm_epoch = _epoch_perm(perm_key, epoch, n), epoch
     fn = step_fns.refresh if step % step_fns.refresh_every == 0 else step_fns.stale
     state, metrics = fn(state, run.arrays, perm, i)
+    if pending is not None:
+      check(pending)
     step += 1
+    pending = (step, epoch, metrics)
     if step % cfg.log_every_steps == 0 or step == total:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       run.writer.write({"kind": "train", "phase": phase, "step": step, "epoch": epoch, **m})
       progress.update(step, {"loss": m["loss"], "acc": m["accuracy"]})
+      what = divergence(watched(m))
+      if what is not None:
+        raise diverged_error(run.cfg, phase, step, what, ckpt)
+      pending = None
     else:
       progress.update(step)
     if step % spe == 0 and ((step // spe) % cfg.eval_every_epochs == 0 or step == total):
       eval_and_log(run, state, phase, step // spe, eval_nets)
     if step % cfg.checkpoint_every_steps == 0 or step == total:
-      ckpt.save(step, state, {"elapsed": elapsed + time.time() - t0})
+      if pending is not None:
+        check(pending)
+        pending = None
+      finite, digest = checkpoint.state_digest(state)
+      if not finite:
+        raise diverged_error(
+          run.cfg, phase, step, "state=non-finite (parameters after the update)", ckpt
+        )
+      ckpt.save(step, state, {"elapsed": elapsed + time.time() - t0, "checksum": digest})
+  if pending is not None:
+    check(pending)
   ckpt.wait()
-  return state, PhaseTime(elapsed + time.time() - t0, progress.close())
+  rate = progress.close()
+  return state, PhaseTime(elapsed + time.time() - t0, rate if step > start else None, step - start)
 
 
 def restore_or(
@@ -356,10 +398,12 @@ def restore_or(
     ``(state, the phase's checkpoints, seconds the phase ran before)``.
   """
   ckpt = checkpoint.PhaseCheckpoints(run.workdir, phase)
-  latest = ckpt.latest_step()
+  # The newest step that reads, matches its checksum and is finite; newer ones
+  # are logged and moved aside (CheckpointCorruptError when none passes).
+  found = ckpt.restore_newest_valid(state, phase)
   elapsed = 0.0
-  if latest is not None:
-    state, record = ckpt.restore(state, latest)
+  if found is not None:
+    state, record, latest = found
     state = parallel.replicate(state, run.mesh)
     elapsed = float(record.get("elapsed", 0.0))
     log.info("%s: resumed from checkpoint at step %d", phase, latest)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kdaif_jax import influence, losses, objectives
+from kdaif_jax import influence, losses, models, objectives
 from kdaif_jax import weights as weights_lib
 from kdaif_jax.options import InfluenceOptions
 from kdaif_jax.parallel import device_local
@@ -25,6 +25,7 @@ __all__ = [
   "BatchInfluence",
   "feedback_weights",
   "online_influence",
+  "scope_restrict",
   "student_influence",
   "teacher_feedback_loss",
   "weight_metrics",
@@ -90,6 +91,7 @@ def online_influence(
       **opts.solver._asdict(),
     )
     s, scores, info = result.s, result.scores, result.info
+    diverged = info.diverged.astype(jnp.float32)
     stats = jnp.stack(
       [
         info.iterations.astype(jnp.float32),
@@ -99,10 +101,16 @@ def online_influence(
     )
   else:
     s, stats = s_prev, stats_prev
+    diverged = jnp.zeros((), jnp.float32)  # no solve this step
     local = lambda tree: device_local(tree, axis_name)
     scores = influence.scores(train_loss, local(params), local(s))
   w = jax.lax.stop_gradient(opts.weights(scores, axis_name=axis_name))
-  metrics = {"cg_iterations": stats[0], "cg_residual": stats[1], "cg_negative_curvature": stats[2]}
+  metrics = {
+    "cg_iterations": stats[0],
+    "cg_residual": stats[1],
+    "cg_negative_curvature": stats[2],
+    "solve_diverged": diverged,  # 1 when this step's solve blew up (e.g. LiSSA scale)
+  }
   return BatchInfluence(s, stats, scores, w, metrics)
 
 
@@ -137,17 +145,44 @@ def student_influence(
     ``(state with s and solve_stats, BatchInfluence)``.
   """
   stu = state.student
-  block = online_influence(
+  scoped = scope_restrict(
+    opts.scope,
     stu.params,
     objectives.training_loss(student, stu.model_state, inputs, per_example),
     objectives.validation_loss(student, stu.model_state, val_inputs, val_labels),
-    state.s,
+  )
+  block = online_influence(
+    scoped.params,
+    scoped.train_loss,
+    scoped.val_loss_fn,
+    {k: state.s[k] for k in scoped.params},
     state.solve_stats,
     opts,
     refresh=refresh,
     axis_name=axis_name,
   )
-  return state.replace(s=block.s, solve_stats=block.stats), block
+  # s keeps the student's shape; outside the scope it stays zero.
+  return state.replace(s={**state.s, **block.s}, solve_stats=block.stats), block
+
+
+def scope_restrict(
+  scope: str, params: dict, train_loss: influence.PerExampleLoss, val_loss_fn: Any
+) -> influence.Restricted:
+  """The influence inputs for ``scope`` ("all": unchanged; "head": the classifier layer).
+
+  Args:
+    scope: one of ``options.SCOPES``.
+    params: the student's params dict.
+    train_loss, val_loss_fn: the full-parameter losses.
+
+  Returns:
+    ``influence.Restricted`` (for "all", the inputs themselves).
+  """
+  if scope == "all":
+    return influence.Restricted(params, train_loss, val_loss_fn)
+  if scope == "head":
+    return influence.restrict(params, train_loss, val_loss_fn, models.head_keys(params))
+  raise ValueError(f"scope={scope!r} is not supported; allowed: all, head")
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis_name: str | None) -> jax.Array:
@@ -171,7 +206,7 @@ def weight_metrics(
 
   Returns:
     dict of scalars: w_mean, w_std, w_min, w_max, w_below_half, influence_std,
-    w_noisy_mean, w_clean_mean.
+    w_noisy_mean, w_clean_mean, nonfinite_scores.
   """
   # The barrier keeps XLA from merging these statistics with the weight map's own
   # (same expressions): fused together they round differently, and logging must
@@ -189,6 +224,8 @@ def weight_metrics(
     "influence_std": weights_lib.moments(scores, axis_name)[1],
     "w_noisy_mean": _masked_mean(w, noisy, axis_name),
     "w_clean_mean": _masked_mean(w, ~noisy, axis_name),
+    # Non-finite scores get weight 0 (weights.sigmoid); how many this batch.
+    "nonfinite_scores": weights_lib.num_nonfinite(scores, axis_name).astype(jnp.float32),
   }
 
 

@@ -15,9 +15,11 @@ from kdaif_jax.losses import KDOptions
 from kdaif_jax.weights import WeightMap
 
 MECHANISMS = ("none", "static", "periodic", "online", "joint", "small_loss")
+SCOPES = ("all", "head")
 
 __all__ = [
   "MECHANISMS",
+  "SCOPES",
   "InfluenceOptions",
   "KDOptions",
   "Mechanism",
@@ -84,11 +86,14 @@ class InfluenceOptions(NamedTuple):
   solver: how s = (C + λI)⁻¹ g_V is computed.
   weights: the map from influence to weights.
   warm_start: start CG from the previous s.
+  scope: the parameters influence is computed in: "all" (the whole student) or
+    "head" (its classifier layer; ``influence.restrict``).
   """
 
   solver: SolverOptions = SolverOptions()
   weights: WeightMap = WeightMap()
   warm_start: bool = True
+  scope: str = "all"
 
 
 class SSLOptions(NamedTuple):
@@ -128,6 +133,7 @@ class ScorerOptions(NamedTuple):
   total_iters: CG iterations in all (restarted chunks, each warm-started).
   curvature_size: training examples sampled for the curvature.
   chunk_size: examples scored per jvp.
+  scope: "all" or "head", as in ``InfluenceOptions``.
   """
 
   kd: KDOptions = KDOptions()
@@ -135,3 +141,4 @@ class ScorerOptions(NamedTuple):
   total_iters: int = 50
   curvature_size: int = 1024
   chunk_size: int = 256
+  scope: str = "all"

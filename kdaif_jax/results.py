@@ -2,12 +2,15 @@
 
 ``finish`` evaluates both networks, scores every training (or unlabelled)
 example with the final student, and writes weights.csv, predictions.npz,
-summary.json and the SAFE report into the workdir.
+summary.json and the SAFE report into the workdir. ``collapse_warnings`` flags a
+run that finished but did not learn (accuracy at chance, a loss that rose): they
+go to the log, to summary.json's ``warnings`` and to the report.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -68,6 +71,9 @@ def finish(
     student_logits=results[("student", "test")]["logits"],
   )
   final_seconds = time.time() - t0
+  warnings = collapse_warnings(run, results)
+  for message in warnings:
+    log.warning("warning: %s", message)
   # Plain KD has no weights: its detection is that of the final whole-set influence.
   det = metrics.detection_metrics(-final_scores if mech.plain else w, run.scored.noisy)
   count = lambda net: models.param_count(getattr(state, net).params)
@@ -98,7 +104,13 @@ def finish(
       "final": round(final_seconds, 3),
       "total_this_invocation": round(time.time() - t_start, 3),
     },
-    "steps_per_second": {k: round(t.steps_per_second, 3) for k, t in times.items()},
+    # Rates of the steps run in this invocation; a phase resumed at its end ran none
+    # and has no rate (steps_this_invocation says which).
+    "steps_per_second": {
+      k: round(t.steps_per_second, 3) for k, t in times.items() if t.steps_per_second is not None
+    },
+    "steps_this_invocation": {k: t.steps for k, t in times.items()},
+    "warnings": warnings,
     "device_count": run.mesh.size,
     "backend": jax.default_backend(),
     "device_kind": jax.devices()[0].device_kind,
@@ -123,6 +135,75 @@ def finish(
     mech.name,
   )
   return summary
+
+
+# A network "did not learn" when its test accuracy is within this of always
+# answering the test set's most common class.
+CHANCE_MARGIN = 0.01
+# A phase's training loss "rose" when its last logged value exceeds this factor
+# times the first (and the first by at least LOSS_RISE_MIN).
+LOSS_RISE_FACTOR = 2.0
+LOSS_RISE_MIN = 1.0
+
+
+def collapse_warnings(run: loop.Run, results: dict) -> list[str]:
+  """One-line warnings for a finished run that collapsed or did not learn.
+
+  Args:
+    run: the run context (test labels, class count, config, workdir).
+    results: ``{(net, split): {"accuracy", ...}}`` of the final evaluation.
+
+  Returns:
+    A warning for each network whose test accuracy is at most chance (the share
+    of the test set's most common class, at least 1/K) + ``CHANCE_MARGIN``, and
+    for each phase whose logged training loss rose (``loss_rise_warnings``).
+  """
+  labels = np.asarray(run.ds.test.clean_labels)
+  k = run.ds.num_classes
+  chance = max(np.bincount(labels, minlength=k).max() / max(len(labels), 1), 1.0 / k)
+  out = []
+  for net in ("teacher", "student"):
+    acc = results[(net, "test")]["accuracy"]
+    if acc <= chance + CHANCE_MARGIN:
+      out.append(
+        f"{net} test accuracy {acc:.1%} is no better than chance ({chance:.1%}, always the "
+        f"most common class): the run collapsed or did not learn; check the learning rate "
+        f"(config.{net}.optimizer.lr={run.cfg[net].optimizer.lr:g}) and the epochs"
+      )
+  return out + loss_rise_warnings(os.path.join(run.workdir, "metrics.jsonl"))
+
+
+def loss_rise_warnings(path: str) -> list[str]:
+  """A warning for each phase of ``metrics.jsonl`` whose training loss rose far above its start.
+
+  The first and last logged ``train`` losses of a phase (the last line of each
+  step, as a resumed run appends) are compared with ``LOSS_RISE_FACTOR`` and
+  ``LOSS_RISE_MIN``; unreadable lines are skipped.
+  """
+  losses: dict[str, dict[int, float]] = {}
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+          if r.get("kind") == "train":
+            losses.setdefault(r["phase"], {})[int(r["step"])] = float(r["loss"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+          continue
+  except OSError:
+    return []
+  out = []
+  for phase, by_step in losses.items():
+    first_step, last_step = min(by_step), max(by_step)
+    first, last = by_step[first_step], by_step[last_step]
+    if not (math.isfinite(first) and math.isfinite(last)):
+      continue
+    if last > LOSS_RISE_FACTOR * first and last - first >= LOSS_RISE_MIN:
+      out.append(
+        f"{phase} training loss rose from {first:.4g} (step {first_step}) to {last:.4g} "
+        f"(step {last_step}): training went wrong; check the learning rate"
+      )
+  return out
 
 
 def _write_weights_csv(run: loop.Run, infl, w, final_scores) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdaif_jax import influence, objectives, parallel
+from kdaif_jax import influence, models, objectives, online, parallel
 from kdaif_jax.options import ScorerOptions
 from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.step import TrainState
@@ -51,10 +51,16 @@ def make_whole_set_scorer(
 
   def solve(state: TrainState, curv: dict, val: dict, x0):
     stu = state.student
-    s, _, info = influence.solve_direction(
+    scoped = online.scope_restrict(
+      opts.scope,
       stu.params,
       _training_loss(student, teacher, state, prepare, opts.kd, curv["images"], curv["labels"]),
       objectives.validation_loss(student, stu.model_state, prepare(val["images"]), val["labels"]),
+    )
+    s, _, info = influence.solve_direction(
+      scoped.params,
+      scoped.train_loss,
+      scoped.val_loss_fn,
       x0=x0,
       axis_name=axis,
       **solver._asdict(),
@@ -65,7 +71,8 @@ def make_whole_set_scorer(
     train_loss = _training_loss(
       student, teacher, state, prepare, opts.kd, batch["images"], batch["labels"]
     )
-    return influence.scores(train_loss, state.student.params, s)
+    scoped = online.scope_restrict(opts.scope, state.student.params, train_loss, None)
+    return influence.scores(scoped.train_loss, scoped.params, s)
 
   solve_fn = jax.jit(
     parallel.shard_map(
@@ -85,7 +92,10 @@ def make_whole_set_scorer(
     # Restarted CG: one compiled chunk of iterations, called until the budget is spent,
     # each warm-started from the last. Unrolling 50 iterations would cost minutes of
     # XLA:CPU compile time; a while-loop runs ~20x slower there (BENCHMARKS.md).
-    s = jax.tree.map(jnp.zeros_like, state.student.params)
+    params = state.student.params
+    if opts.scope == "head":
+      params = {k: params[k] for k in models.head_keys(params)}
+    s = jax.tree.map(jnp.zeros_like, params)
     done = 0
     restarts = 1 if solver.solver != "cg" else -(-opts.total_iters // solver.maxiter)
     for _ in range(restarts):

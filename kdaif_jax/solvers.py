@@ -14,12 +14,21 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax import tree_utils as otu
 
 from kdaif_jax import _checks
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
+
+# Relative slack of lissa's divergence tests: rounding never reaches it, and a
+# diverging recursion passes it after a few steps.
+_DIVERGENCE_SLACK = 1e-3
+_B_HINT = (
+  " (the right-hand side; batch_influence/solve_direction pass the validation "
+  "gradient of params here, so check params and the validation loss for overflow)"
+)
 
 
 class SolveInfo(NamedTuple):
@@ -30,12 +39,21 @@ class SolveInfo(NamedTuple):
   negative_curvature: bool, a search direction with pᵀ(A + λI)p ≤ 0 was met
     (CG stopped there; raise the damping or use the Gauss-Newton curvature).
   finite: bool, x is finite.
+  diverged: bool, the solve blew up and x must not be used. Set when x is not
+    finite (every solver) and, for ``lissa``, when the Neumann recursion grew:
+    the final iterate's norm exceeds (depth + 1)·||b|| (a bound every
+    convergent recursion obeys), or, with a single matvec, the relative
+    residual exceeds 1 (x is worse than x = 0). Both mean ``scale`` is below
+    half the largest eigenvalue of A + λI (or A is indefinite): raise
+    ``scale``. Defaults to False, so four positional fields still build a
+    ``SolveInfo``.
   """
 
   iterations: jax.Array
   residual: jax.Array
   negative_curvature: jax.Array
   finite: jax.Array
+  diverged: jax.Array = np.bool_(False)
 
 
 def default_unroll() -> bool:
@@ -69,7 +87,8 @@ def cg_solve(
     b: right-hand side pytree.
     damping: λ ≥ 0 added to the diagonal.
     maxiter: maximum number of iterations (≥ 1); each costs one ``matvec``.
-    tol: stop when ||r|| ≤ tol·||b|| (relative residual).
+    tol: stop when ||r|| ≤ tol·||b|| (relative residual); a finite number
+      ≥ 0 (0 runs all ``maxiter`` iterations).
     x0: warm start (pytree like ``b``); zeros when None. Started from the
       answer, CG takes 0 iterations.
     unroll: True unrolls the ``maxiter`` iterations in the traced program (fast
@@ -77,11 +96,19 @@ def cg_solve(
       ``lax.while_loop`` (stops early; best on GPU/TPU). None: ``default_unroll()``.
 
   Returns:
-    ``(x, info)``: x a pytree like ``b``; ``info`` a ``SolveInfo``.
+    ``(x, info)``: x a pytree like ``b``; ``info`` a ``SolveInfo``
+    (``info.diverged`` when x is not finite).
+
+  Raises:
+    ValueError: a negative or non-finite ``damping`` or ``tol``, ``maxiter``
+      not an integer ≥ 1, ``b`` not floating point or (when concrete) not
+      finite, ``x0`` not shaped like ``b``.
   """
   _checks.check_nonnegative(damping, "damping")
+  _checks.check_nonnegative(tol, "tol")
   _checks.check_positive_int(maxiter, "maxiter")
-  _checks.check_finite_tree(b, "b")
+  _checks.check_float_tree(b, "b")
+  _checks.check_finite_tree(b, "b", _B_HINT)
   if x0 is not None:
     _checks.check_tree_match(b, x0, "x0", "b")
   unroll = default_unroll() if unroll is None else unroll
@@ -119,11 +146,13 @@ def cg_solve(
     cond = lambda s: s[6] & (s[4] < maxiter)
     state = jax.lax.while_loop(cond, body, state)
   x, _, _, rr, it, neg, _ = state
+  finite = tree_isfinite(x)
   info = SolveInfo(
     iterations=it,
     residual=jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0)),
     negative_curvature=neg,
-    finite=tree_isfinite(x),
+    finite=finite,
+    diverged=~finite,
   )
   return x, info
 
@@ -162,14 +191,21 @@ def lissa(
       batch iterator is always unrolled in Python.
 
   Returns:
-    ``(x, info)`` with ``info.iterations == depth`` and the relative residual
-    measured with the first matvec.
+    ``(x, info)`` with ``info.iterations == depth``, the relative residual
+    measured with the first matvec, and ``info.diverged`` set when the
+    recursion blew up (too small a ``scale``; see ``SolveInfo``): then x is
+    garbage (often huge but finite) and must not be used.
+
+  Raises:
+    ValueError: a negative or non-finite ``damping``, ``scale`` not a finite
+      number > 0, ``depth`` not an integer ≥ 1, ``b`` not floating point or
+      (when concrete) not finite, too few matvecs or batches.
   """
   _checks.check_nonnegative(damping, "damping")
   _checks.check_positive_int(depth, "depth")
-  if not (isinstance(scale, jax.core.Tracer) or float(scale) > 0):
-    raise ValueError(f"scale must be > 0, got {scale}")
-  _checks.check_finite_tree(b, "b")
+  _checks.check_positive(scale, "scale")
+  _checks.check_float_tree(b, "b")
+  _checks.check_finite_tree(b, "b", _B_HINT)
   if isinstance(matvec, Sequence):
     if len(matvec) != depth:
       raise ValueError(f"lissa got {len(matvec)} matvecs but depth={depth}; pass one per step")
@@ -204,11 +240,23 @@ def lissa(
   x = otu.tree_scale(1.0 / scale, h)
   r = otu.tree_sub(b, otu.tree_add_scale(first(x), damping, x))
   bb = otu.tree_vdot(b, b)
+  residual = jnp.sqrt(otu.tree_vdot(r, r) / jnp.where(bb > 0, bb, 1.0))
+  finite = tree_isfinite(x)
+  # With every step's I − M_j a contraction (0 ⪯ M_j ⪯ 2I, the convergence
+  # condition) ||h_j|| ≤ ||b|| + ||h_{j−1}||, so ||h_depth|| ≤ (depth + 1)·||b||;
+  # with one M, r = (I − M)^(depth+1) b, so ||r|| ≤ ||b||. Exceeding either
+  # (beyond rounding) proves the recursion expanded. An ||h||² that overflows
+  # (inf) or is NaN counts as grown.
+  grown = otu.tree_vdot(h, h) > jnp.square((1.0 + _DIVERGENCE_SLACK) * (depth + 1)) * bb
+  grown = grown | ~jnp.isfinite(otu.tree_vdot(h, h))
+  if steps is None:
+    grown = grown | ~(residual <= 1.0 + _DIVERGENCE_SLACK)
   info = SolveInfo(
     iterations=jnp.asarray(depth, jnp.int32),
-    residual=jnp.sqrt(otu.tree_vdot(r, r) / jnp.where(bb > 0, bb, 1.0)),
+    residual=residual,
     negative_curvature=jnp.zeros((), bool),
-    finite=tree_isfinite(x),
+    finite=finite,
+    diverged=~finite | grown,
   )
   return x, info
 

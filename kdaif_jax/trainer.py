@@ -344,8 +344,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(cfg.num_devices or None)
   parallel.check_batch_size(cfg.batch_size, mesh)
   parallel.check_batch_size(cfg.eval_batch_size, mesh, "eval_batch_size")
-  os.makedirs(workdir, exist_ok=True)
-  checkpoint.check_experiment(workdir, _fingerprint(cfg))
+  lock = _open_workdir(workdir)
+  try:
+    # Before anything else is written: a workdir of another experiment is refused
+    # even when the run that made it stopped before its first checkpoint.
+    checkpoint.check_experiment(workdir, _fingerprint(cfg))
+    return _train(cfg, workdir, mesh, t_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _open_workdir(workdir: str) -> checkpoint.WorkdirLock | None:
+  """Creates ``workdir`` when needed and takes its lock (process 0 of a multi-host run).
+
+  Returns:
+    The held ``checkpoint.WorkdirLock`` (None on the other processes).
+
+  Raises:
+    ValueError: an empty workdir, one that is a file, or a folder that cannot be
+      created or written; one line naming it.
+    checkpoint.WorkdirLockedError: another live run holds it (its PID named).
+  """
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty; give a folder, e.g. --workdir=workdirs/default")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a folder; give a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir}: cannot create it ({e.strerror or e})") from None
+  if jax.process_index() != 0:
+    return None
+  try:
+    return checkpoint.WorkdirLock(workdir).acquire()
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e})") from None
+
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -> dict:
+  """The body of ``train_and_evaluate`` once the workdir is held and checked."""
   ds = data.load(cfg.data)
   if len(ds.train) < cfg.batch_size:
     raise ValueError(

@@ -298,6 +298,7 @@ def test_lissa_single_matvec_converges(spd_problem, unroll):
   assert rel_err(x, x_star) < 1e-8
   assert int(info.iterations) == 250
   assert info.residual < 1e-8 and bool(info.finite)
+  assert not bool(info.diverged)
   # too few steps: visibly not converged (the test above can fail)
   x_short, _ = influence.lissa(
     matrix_matvec(a), jnp.asarray(b), damping=damping, scale=4.0, depth=5, unroll=unroll
@@ -321,6 +322,7 @@ def test_lissa_sequence_of_matvecs_uses_each_once(spd_problem):
     [make(j) for j in range(depth)], jnp.asarray(b), damping=damping, scale=4.0, depth=depth
   )
   assert rel_err(x, x_star) < 1e-8
+  assert not bool(info.diverged)
   assert calls[1:].tolist() == [1] * (depth - 1)
   assert calls[0] in (1, 2)  # the first map may also measure the residual
 
@@ -349,6 +351,7 @@ def test_lissa_batches_average_to_mean_matrix_solution(spd_problem):
       mv, jnp.asarray(b), damping=damping, scale=4.0, depth=depth, batches=seq
     )
     assert int(info.iterations) == depth and bool(info.finite)
+    assert not bool(info.diverged)  # stochastic but convergent: never flagged
     runs.append(np.asarray(x))
   assert rel_err(np.mean(runs, axis=0), x_star) < 0.02
 

@@ -47,6 +47,7 @@ def _problem(n=B, nv=V, key=0):
   cfg = config.base_config()
   cfg.kdaif.mechanism = "online"
   cfg.kdaif.cg_iters = 3
+  cfg.kdaif.scope = "all"  # the full-network seam; the head scope: tests/test_scope.py
   teacher = models.create("mlp", K, hidden=16)
   student = models.create("mlp", K, hidden=8)
   k = jax.random.split(jax.random.key(key), 6)

@@ -11,8 +11,9 @@ from kdaif_jax.models.registry import (
   ModelState,
   Params,
   create,
+  head_keys,
   names,
   param_count,
 )
 
-__all__ = ["Model", "ModelState", "Params", "create", "names", "param_count"]
+__all__ = ["Model", "ModelState", "Params", "create", "head_keys", "names", "param_count"]

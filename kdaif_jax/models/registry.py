@@ -135,3 +135,28 @@ def param_count(params: Params) -> int:
     The total number of elements.
   """
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def head_keys(params: Params) -> tuple[str, ...]:
+  """The top-level params key of the classifier head: the last top-level Dense layer.
+
+  Every registry model ends in ``nn.Dense(num_classes)`` at the top level, named
+  ``Dense_k`` with the largest k (an MLP's hidden layer is ``Dense_0``, its head
+  ``Dense_1``). Influence restricted to it (``kdaif.scope = "head"``) needs only
+  the features of the last hidden layer.
+
+  Args:
+    params: a model's params (a dict of top-level modules).
+
+  Returns:
+    A one-element tuple with the head's key.
+
+  Raises:
+    ValueError: no top-level Dense layer.
+  """
+  dense = [k for k in params if k.startswith("Dense_") and k[len("Dense_") :].isdigit()]
+  if not dense:
+    raise ValueError(
+      f"no top-level Dense layer (the classifier head) among params keys {sorted(params)}"
+    )
+  return (max(dense, key=lambda k: int(k[len("Dense_") :])),)

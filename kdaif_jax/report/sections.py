@@ -95,6 +95,11 @@ def overview(c: Context) -> None:
     + (f"`{c.baseline}`." if c.baseline else "none given.")
     + f" Written {datetime.datetime.now():%Y-%m-%d %H:%M}.",
   )
+  # The trainer's collapse warnings (summary.json ``warnings``): a finished run that
+  # did not learn must not read like a result.
+  for warning in s.get("warnings") or []:
+    c.add("p", f"**Warning:** {warning}")
+  c.numbers["warnings"] = list(s.get("warnings") or [])
   rows = []
   for net in ("teacher", "student"):
     rows.append(

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.error(f"{args.workdir} is not a folder")
   out = write_report(args.workdir, args.baseline, args.out)
   print(f"wrote {out['report_md']} and {out['report_html']} ({len(out['figures'])} figures)")
+  for w in out["numbers"].get("warnings") or []:
+    print(f"warning: {w}")
   for m in out["missing"]:
     print(f"missing: {m['file']}: {m['problem']} (disabled: {m['disabled']})")
   return 0

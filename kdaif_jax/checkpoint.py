@@ -16,10 +16,13 @@ here) keeps two trainers out of one workdir.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -111,6 +114,33 @@ def _one_line(err: BaseException, limit: int = 160) -> str:
   return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+@contextlib.contextmanager
+def _quiet_abandoned_reads():
+  """Keeps a failed restore's abandoned Orbax read coroutines from printing tracebacks.
+
+  When one array of a damaged step fails to read, Orbax gives up on the others;
+  their coroutines are finalised later and each prints "Exception ignored in
+  <coroutine ...>" with a traceback (sys.unraisablehook). The failure itself is
+  reported in one line by ``restore_newest_valid``; these echoes are swallowed
+  (other unraisable exceptions pass through), and collected here, inside the window.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+      log.debug("abandoned checkpoint read: %s", unraisable.exc_value)
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+  try:
+    yield
+  finally:
+    gc.collect()
+    sys.unraisablehook = previous
+
+
 class PhaseCheckpoints:
   """Save/restore one phase's ``TrainState`` (plus a small JSON record) by step.
 
@@ -183,13 +213,18 @@ class PhaseCheckpoints:
       return None
     problems = []
     for step in steps:
-      try:
-        state, record = self._check(like, step)
-      except _Invalid as err:
-        problems.append((step, str(err)))
-        continue
-      except Exception as err:  # noqa: BLE001 - any failure to read means: try an older step
-        problems.append((step, f"unreadable: {_one_line(err)}"))
+      why = None
+      # The window closes after the except clauses have dropped the exception (and
+      # with it the frames of Orbax's abandoned reads), so the collection finds them.
+      with _quiet_abandoned_reads():
+        try:
+          state, record = self._check(like, step)
+        except _Invalid as err:
+          why = str(err)
+        except Exception as err:  # noqa: BLE001 - any failure to read means: try an older step
+          why = f"unreadable: {_one_line(err)}"
+      if why is not None:
+        problems.append((step, why))
         continue
       for bad, why in problems:
         moved = self._move_aside(bad)

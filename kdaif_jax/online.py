@@ -25,6 +25,7 @@ __all__ = [
   "BatchInfluence",
   "feedback_weights",
   "online_influence",
+  "scope_params",
   "scope_restrict",
   "student_influence",
   "teacher_feedback_loss",
@@ -180,8 +181,23 @@ def scope_restrict(
   """
   if scope == "all":
     return influence.Restricted(params, train_loss, val_loss_fn)
+  return influence.restrict(params, train_loss, val_loss_fn, tuple(scope_params(scope, params)))
+
+
+def scope_params(scope: str, params: dict) -> dict:
+  """The entries of the student's params dict that ``scope`` takes influence in.
+
+  Args:
+    scope: one of ``options.SCOPES``.
+    params: the student's params dict.
+
+  Returns:
+    ``params`` itself for "all"; its classifier layer's entry for "head".
+  """
+  if scope == "all":
+    return params
   if scope == "head":
-    return influence.restrict(params, train_loss, val_loss_fn, models.head_keys(params))
+    return {k: params[k] for k in models.head_keys(params)}
   raise ValueError(f"scope={scope!r} is not supported; allowed: all, head")
 
 

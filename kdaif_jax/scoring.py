@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdaif_jax import influence, models, objectives, online, parallel
+from kdaif_jax import influence, objectives, online, parallel
 from kdaif_jax.options import ScorerOptions
 from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.step import TrainState
@@ -92,10 +92,7 @@ def make_whole_set_scorer(
     # Restarted CG: one compiled chunk of iterations, called until the budget is spent,
     # each warm-started from the last. Unrolling 50 iterations would cost minutes of
     # XLA:CPU compile time; a while-loop runs ~20x slower there (BENCHMARKS.md).
-    params = state.student.params
-    if opts.scope == "head":
-      params = {k: params[k] for k in models.head_keys(params)}
-    s = jax.tree.map(jnp.zeros_like, params)
+    s = jax.tree.map(jnp.zeros_like, online.scope_params(opts.scope, state.student.params))
     done = 0
     restarts = 1 if solver.solver != "cg" else -(-opts.total_iters // solver.maxiter)
     for _ in range(restarts):

@@ -114,31 +114,59 @@ def _one_line(err: BaseException, limit: int = 160) -> str:
   return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _is_orbax_read_echo(unraisable) -> bool:
+  """An abandoned Orbax read: its coroutine, or an exception raised in Orbax's code."""
+  code = getattr(unraisable.object, "cr_code", None)
+  if code is not None and "orbax" in code.co_filename:
+    return True
+  return _tb_in_orbax(unraisable.exc_traceback)
+
+
+def _tb_in_orbax(tb) -> bool:
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+class _AsyncioReadEcho(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for abandoned Orbax reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (exc is not None and _tb_in_orbax(exc.__traceback__))
+
+
 @contextlib.contextmanager
 def _quiet_abandoned_reads():
   """Keeps a failed restore's abandoned Orbax read coroutines from printing tracebacks.
 
   When one array of a damaged step fails to read, Orbax gives up on the others;
-  their coroutines are finalised later and each prints "Exception ignored in
-  <coroutine ...>" with a traceback (sys.unraisablehook). The failure itself is
-  reported in one line by ``restore_newest_valid``; these echoes are swallowed
-  (other unraisable exceptions pass through), and collected here, inside the window.
+  their coroutines are finalised whenever the garbage collector gets to them and
+  each prints "Exception ignored in <coroutine ...>" with a traceback
+  (sys.unraisablehook). The failure itself is reported in one line by
+  ``restore_newest_valid``. A filter for exactly these echoes (other unraisable
+  exceptions pass through to the previous hook) is installed for the rest of the
+  process, since the finalisation can come at any later point; a collection at
+  the end of the window finalises most of them at once.
   """
-  previous = sys.unraisablehook
+  if not getattr(sys.unraisablehook, "_kdaif_read_echo_filter", False):
+    previous = sys.unraisablehook
 
-  def hook(unraisable):
-    code = getattr(unraisable.object, "cr_code", None)
-    if code is not None and "orbax" in code.co_filename:
-      log.debug("abandoned checkpoint read: %s", unraisable.exc_value)
-      return
-    previous(unraisable)
+    def hook(unraisable):
+      if _is_orbax_read_echo(unraisable):
+        log.debug("abandoned checkpoint read: %s", unraisable.exc_value)
+        return
+      previous(unraisable)
 
-  sys.unraisablehook = hook
+    hook._kdaif_read_echo_filter = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_AsyncioReadEcho())
   try:
     yield
   finally:
     gc.collect()
-    sys.unraisablehook = previous
 
 
 class PhaseCheckpoints:

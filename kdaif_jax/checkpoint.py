@@ -10,8 +10,12 @@ Every saved state carries a checksum in its JSON record (``state_digest``:
 exact integer sums of each leaf's bits, independent of device and reduction
 order). ``PhaseCheckpoints.restore_newest_valid`` restores the newest step that
 reads, matches its checksum and is finite, and moves the steps it skipped aside
-(``STEP.corrupt``). ``WorkdirLock`` (``kdaif_jax.workdir_lock``, re-exported
-here) keeps two trainers out of one workdir.
+(``STEP.corrupt``). Once a step is on disk, its files' sizes and sha256 are
+sealed in ``STEP/kdaif_files.json``; a step whose files no longer match is
+skipped before Orbax reads any of it (a damaged file can make Orbax abandon
+reads half-way, whose echoes would otherwise surface later). ``WorkdirLock``
+(``kdaif_jax.workdir_lock``, re-exported here) keeps two trainers out of one
+workdir.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from kdaif_jax.workdir_lock import WorkdirLock as WorkdirLock
 from kdaif_jax.workdir_lock import WorkdirLockedError as WorkdirLockedError
 
 EXPERIMENT_FILE = "experiment.json"
+SEAL_FILE = "kdaif_files.json"
 
 log = logging.getLogger("kdaif_jax")
 
@@ -169,6 +174,55 @@ def _quiet_abandoned_reads():
     gc.collect()
 
 
+def _step_files(step_dir: str) -> dict[str, tuple[int, str]]:
+  """``{relative path: (size, sha256)}`` of every file under a step folder but the seal."""
+  files = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel.startswith(SEAL_FILE):  # the seal and its temporary file
+        continue
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      files[rel] = (os.path.getsize(path), digest.hexdigest())
+  return files
+
+
+def _seal(step_dir: str) -> None:
+  """Writes the seal of a complete step (atomically: a killed write leaves no seal)."""
+  tmp = os.path.join(step_dir, SEAL_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({rel: list(v) for rel, v in sorted(_step_files(step_dir).items())}, f)
+  os.replace(tmp, os.path.join(step_dir, SEAL_FILE))
+
+
+def _check_seal(step_dir: str) -> None:
+  """Raises ``_Invalid`` when a sealed step's files differ from what was saved.
+
+  A step without a seal (written by an older version, or by a run killed just
+  after Orbax finished it) is left to Orbax's own checks.
+  """
+  path = os.path.join(step_dir, SEAL_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      sealed = {rel: tuple(v) for rel, v in json.load(f).items()}
+  except (OSError, ValueError) as err:
+    raise _Invalid(f"unreadable: its seal {SEAL_FILE}: {_one_line(err)}") from None
+  found = _step_files(step_dir)
+  for rel, (size, digest) in sealed.items():
+    if rel not in found:
+      raise _Invalid(f"unreadable: {rel} is missing")
+    if found[rel][0] != size:
+      raise _Invalid(f"unreadable: {rel} has {found[rel][0]} bytes, saved with {size}")
+    if found[rel][1] != digest:
+      raise _Invalid(f"unreadable: {rel} changed on disk since it was saved")
+
+
 class PhaseCheckpoints:
   """Save/restore one phase's ``TrainState`` (plus a small JSON record) by step.
 
@@ -184,6 +238,15 @@ class PhaseCheckpoints:
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._unsealed: set[int] = set()  # saved by this manager, seal not yet written
+
+  def _seal_finished(self) -> None:
+    """Seals the steps this manager saved that Orbax has finished (call after a wait)."""
+    on_disk = set(self._manager.all_steps())
+    for step in sorted(self._unsealed):
+      if step in on_disk and jax.process_index() == 0:
+        _seal(os.path.join(self.directory, str(step)))
+    self._unsealed.clear()
 
   def latest_step(self) -> int | None:
     """Newest complete step, or None."""
@@ -194,7 +257,10 @@ class PhaseCheckpoints:
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record or {})
     )
+    # Orbax's save waits for the previous one anyway; waiting here first lets it be sealed.
+    self.wait()
     self._manager.save(step, args=args)
+    self._unsealed.add(step)
 
   def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores the state at ``step`` (newest by default) shaped and placed like ``like``."""
@@ -210,6 +276,7 @@ class PhaseCheckpoints:
 
   def _check(self, like: Any, step: int) -> tuple[Any, dict]:
     """Restores ``step`` and verifies it; raises ValueError naming what is wrong."""
+    _check_seal(os.path.join(self.directory, str(step)))
     state, record = self.restore(like, step)
     finite, digest = state_digest(state)
     expected = record.get("checksum")
@@ -284,12 +351,13 @@ class PhaseCheckpoints:
     return dst
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
+    """Blocks until pending asynchronous saves are on disk (and sealed)."""
     self._manager.wait_until_finished()
+    self._seal_finished()
 
   def close(self) -> None:
     """Finishes pending saves and releases the manager."""
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 
@@ -336,6 +404,7 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
     for step in steps:
       path = os.path.join(folder, str(step), "state")
       try:
+        _check_seal(os.path.join(folder, str(step)))
         meta = ckptr.metadata(path)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)

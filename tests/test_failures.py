@@ -330,13 +330,29 @@ def _wrong_checksum(step_dir):
     json.dump(record, f)
 
 
+def _unsealed(corrupt):
+  """A step without its file seal (older versions; a run killed right after the save)."""
+
+  def damage(step_dir):
+    os.remove(os.path.join(step_dir, checkpoint.SEAL_FILE))
+    corrupt(step_dir)
+
+  damage.__name__ = f"unsealed{corrupt.__name__}"
+  return damage
+
+
 @pytest.mark.parametrize(
   "corrupt,reason",
   [
-    (_truncate, r"unreadable: "),
-    (_garbage_metadata, r"unreadable: JSONDecodeError"),
-    (_random_bytes, r"unreadable|checksum mismatch|non-finite"),  # used to load silently
-    (_wrong_checksum, r"checksum mismatch"),
+    # The seal catches damaged files before Orbax reads any of them.
+    (_truncate, r"unreadable: state/\S+ has \d+ bytes, saved with \d+"),
+    (_garbage_metadata, r"unreadable: state/_METADATA has 7 bytes"),
+    (_random_bytes, r"unreadable: state/\S+ changed on disk since it was saved"),
+    (_wrong_checksum, r"unreadable: record/\S+ (changed on disk|has \d+ bytes)"),
+    # Without a seal, Orbax's errors and the state checksum still catch them.
+    (_unsealed(_garbage_metadata), r"unreadable: JSONDecodeError"),
+    (_unsealed(_random_bytes), r"unreadable|checksum mismatch|non-finite"),
+    (_unsealed(_wrong_checksum), r"checksum mismatch"),
   ],
 )
 def test_restore_falls_back_to_the_newest_good_step(tmp_path, caplog, corrupt, reason):
@@ -369,7 +385,7 @@ def test_non_finite_checkpoint_is_skipped_and_no_good_step_is_one_line_error(tmp
     ck.restore_newest_valid(_small_state())
   msg = str(e.value)
   assert "\n" not in msg and f"no checkpoint in {folder} could be restored" in msg
-  assert "step 4: unreadable: JSONDecodeError" in msg
+  assert "step 4: unreadable: state/_METADATA has 7 bytes" in msg
   empty = checkpoint.PhaseCheckpoints(str(tmp_path / "empty"), "student")
   assert empty.restore_newest_valid(_small_state()) is None
 
@@ -457,6 +473,15 @@ def test_finished_run_records_rates_checksums_and_releases_its_lock(smoke_run):
     for step in step_dirs(wd / "checkpoints" / phase):
       (path,) = glob.glob(str(wd / "checkpoints" / phase / str(step) / "record" / "*metadata*"))
       assert json.loads(pathlib.Path(path).read_text())["checksum"].startswith("u32x2:")
+      # Every kept step is sealed: each of its files' size and sha256.
+      step_dir = wd / "checkpoints" / phase / str(step)
+      seal = json.loads((step_dir / checkpoint.SEAL_FILE).read_text())
+      files = {
+        str(p.relative_to(step_dir))
+        for p in step_dir.rglob("*")
+        if p.is_file() and p.name != checkpoint.SEAL_FILE
+      }
+      assert set(seal) == files and files
   with open(wd / "weights.csv") as f:
     assert all(math.isfinite(float(r["weight"])) for r in csv.DictReader(f))
 

@@ -10,7 +10,7 @@ CONFIG ?= configs/default.py
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11" >&2; exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,text]'
 	touch $(STAMP)
 
 install: $(STAMP)

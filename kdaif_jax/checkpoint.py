@@ -20,13 +20,10 @@ workdir.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import jax
@@ -34,13 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kdaif_jax.checkpoint_files import SEAL_FILE as SEAL_FILE
+from kdaif_jax.checkpoint_files import Invalid, check_seal, one_line, quiet_abandoned_reads, seal
+
 # Re-exported: the trainer and main.py reach the lock through this module.
 from kdaif_jax.workdir_lock import LOCK_FILE as LOCK_FILE
 from kdaif_jax.workdir_lock import WorkdirLock as WorkdirLock
 from kdaif_jax.workdir_lock import WorkdirLockedError as WorkdirLockedError
 
 EXPERIMENT_FILE = "experiment.json"
-SEAL_FILE = "kdaif_files.json"
 
 log = logging.getLogger("kdaif_jax")
 
@@ -108,121 +107,6 @@ def state_digest(state: Any) -> tuple[bool, str]:
   return finite, f"u32x2:{digest[:32]}"
 
 
-class _Invalid(ValueError):
-  """A checkpoint that reads but must not be used (its message says why)."""
-
-
-def _one_line(err: BaseException, limit: int = 160) -> str:
-  text = " ".join(str(err).split())
-  if len(text) > limit:
-    text = text[: limit - 3] + "..."
-  return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _is_orbax_read_echo(unraisable) -> bool:
-  """An abandoned Orbax read: its coroutine, or an exception raised in Orbax's code."""
-  code = getattr(unraisable.object, "cr_code", None)
-  if code is not None and "orbax" in code.co_filename:
-    return True
-  return _tb_in_orbax(unraisable.exc_traceback)
-
-
-def _tb_in_orbax(tb) -> bool:
-  while tb is not None:
-    if "orbax" in tb.tb_frame.f_code.co_filename:
-      return True
-    tb = tb.tb_next
-  return False
-
-
-class _AsyncioReadEcho(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" for abandoned Orbax reads."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (exc is not None and _tb_in_orbax(exc.__traceback__))
-
-
-@contextlib.contextmanager
-def _quiet_abandoned_reads():
-  """Keeps a failed restore's abandoned Orbax read coroutines from printing tracebacks.
-
-  When one array of a damaged step fails to read, Orbax gives up on the others;
-  their coroutines are finalised whenever the garbage collector gets to them and
-  each prints "Exception ignored in <coroutine ...>" with a traceback
-  (sys.unraisablehook). The failure itself is reported in one line by
-  ``restore_newest_valid``. A filter for exactly these echoes (other unraisable
-  exceptions pass through to the previous hook) is installed for the rest of the
-  process, since the finalisation can come at any later point; a collection at
-  the end of the window finalises most of them at once.
-  """
-  if not getattr(sys.unraisablehook, "_kdaif_read_echo_filter", False):
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-      if _is_orbax_read_echo(unraisable):
-        log.debug("abandoned checkpoint read: %s", unraisable.exc_value)
-        return
-      previous(unraisable)
-
-    hook._kdaif_read_echo_filter = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_AsyncioReadEcho())
-  try:
-    yield
-  finally:
-    gc.collect()
-
-
-def _step_files(step_dir: str) -> dict[str, tuple[int, str]]:
-  """``{relative path: (size, sha256)}`` of every file under a step folder but the seal."""
-  files = {}
-  for root, _, names in os.walk(step_dir):
-    for name in names:
-      path = os.path.join(root, name)
-      rel = os.path.relpath(path, step_dir)
-      if rel.startswith(SEAL_FILE):  # the seal and its temporary file
-        continue
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-      files[rel] = (os.path.getsize(path), digest.hexdigest())
-  return files
-
-
-def _seal(step_dir: str) -> None:
-  """Writes the seal of a complete step (atomically: a killed write leaves no seal)."""
-  tmp = os.path.join(step_dir, SEAL_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({rel: list(v) for rel, v in sorted(_step_files(step_dir).items())}, f)
-  os.replace(tmp, os.path.join(step_dir, SEAL_FILE))
-
-
-def _check_seal(step_dir: str) -> None:
-  """Raises ``_Invalid`` when a sealed step's files differ from what was saved.
-
-  A step without a seal (written by an older version, or by a run killed just
-  after Orbax finished it) is left to Orbax's own checks.
-  """
-  path = os.path.join(step_dir, SEAL_FILE)
-  if not os.path.exists(path):
-    return
-  try:
-    with open(path) as f:
-      sealed = {rel: tuple(v) for rel, v in json.load(f).items()}
-  except (OSError, ValueError) as err:
-    raise _Invalid(f"unreadable: its seal {SEAL_FILE}: {_one_line(err)}") from None
-  found = _step_files(step_dir)
-  for rel, (size, digest) in sealed.items():
-    if rel not in found:
-      raise _Invalid(f"unreadable: {rel} is missing")
-    if found[rel][0] != size:
-      raise _Invalid(f"unreadable: {rel} has {found[rel][0]} bytes, saved with {size}")
-    if found[rel][1] != digest:
-      raise _Invalid(f"unreadable: {rel} changed on disk since it was saved")
-
-
 class PhaseCheckpoints:
   """Save/restore one phase's ``TrainState`` (plus a small JSON record) by step.
 
@@ -245,7 +129,7 @@ class PhaseCheckpoints:
     on_disk = set(self._manager.all_steps())
     for step in sorted(self._unsealed):
       if step in on_disk and jax.process_index() == 0:
-        _seal(os.path.join(self.directory, str(step)))
+        seal(os.path.join(self.directory, str(step)))
     self._unsealed.clear()
 
   def latest_step(self) -> int | None:
@@ -276,14 +160,14 @@ class PhaseCheckpoints:
 
   def _check(self, like: Any, step: int) -> tuple[Any, dict]:
     """Restores ``step`` and verifies it; raises ValueError naming what is wrong."""
-    _check_seal(os.path.join(self.directory, str(step)))
+    check_seal(os.path.join(self.directory, str(step)))
     state, record = self.restore(like, step)
     finite, digest = state_digest(state)
     expected = record.get("checksum")
     if expected is not None and expected != digest:
-      raise _Invalid("checksum mismatch: its data changed on disk")
+      raise Invalid("checksum mismatch: its data changed on disk")
     if not finite:
-      raise _Invalid("it holds non-finite values (NaN or inf)")
+      raise Invalid("it holds non-finite values (NaN or inf)")
     return state, record
 
   def restore_newest_valid(self, like: Any, phase: str = "") -> tuple[Any, dict, int] | None:
@@ -311,13 +195,13 @@ class PhaseCheckpoints:
       why = None
       # The window closes after the except clauses have dropped the exception (and
       # with it the frames of Orbax's abandoned reads), so the collection finds them.
-      with _quiet_abandoned_reads():
+      with quiet_abandoned_reads():
         try:
           state, record = self._check(like, step)
-        except _Invalid as err:
+        except Invalid as err:
           why = str(err)
         except Exception as err:  # noqa: BLE001 - any failure to read means: try an older step
-          why = f"unreadable: {_one_line(err)}"
+          why = f"unreadable: {one_line(err)}"
       if why is not None:
         problems.append((step, why))
         continue
@@ -404,7 +288,7 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
     for step in steps:
       path = os.path.join(folder, str(step), "state")
       try:
-        _check_seal(os.path.join(folder, str(step)))
+        check_seal(os.path.join(folder, str(step)))
         meta = ckptr.metadata(path)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
@@ -413,7 +297,7 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
         params, model_state = state[net]["params"], state[net].get("model_state") or {}
         for leaf in jax.tree.leaves((params, model_state)):
           if _is_float(np.asarray(leaf)) and not np.isfinite(np.asarray(leaf, np.float32)).all():
-            raise _Invalid(f"step {step}: {net} holds non-finite values (NaN or inf)")
+            raise Invalid(f"step {step}: {net} holds non-finite values (NaN or inf)")
         return params, model_state, step
       except Exception as err:  # noqa: BLE001 - try the next older step
         error = err
@@ -452,7 +336,7 @@ def check_experiment(workdir: str, fingerprint: dict) -> None:
         old = _flatten(json.load(f))
     except (OSError, ValueError) as err:
       raise CheckpointMismatchError(
-        f"--workdir={workdir}: {path} is unreadable ({_one_line(err)}); "
+        f"--workdir={workdir}: {path} is unreadable ({one_line(err)}); "
         "use a new --workdir, or delete that file if the workdir is this experiment's"
       ) from None
     new = _flatten(json.loads(json.dumps(fingerprint)))

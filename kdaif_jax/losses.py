@@ -3,6 +3,8 @@
 docs/method.md §3:
   ℓ_i = α·CE(y_i, S(x_i)) + (1−α)·τ²·KL(softmax(T(x_i)/τ) ‖ softmax(S(x_i)/τ))
 for labelled examples and the KD term alone (α = 0) for unlabelled ones.
+For regression (float labels, one output: GLUE STS-B) the squared-error
+analogue ℓ_i = α·(S − y)² + (1−α)·(S − T)² (``regression_kd_loss``).
 
 Input checks: shapes, dtypes and the options (τ, α) raise a one-line
 ValueError before anything is traced, under ``jit`` too (they are static).
@@ -177,6 +179,70 @@ def _check_marked_rows(labels: jax.Array, labelled: jax.Array, k: int) -> None:
     )
 
 
+def is_regression(outputs: jax.Array, labels: jax.Array | None) -> bool:
+  """Whether ``labels`` are real-valued scores (GLUE STS-B) rather than class ids.
+
+  Decided by dtype and shape alone (static under ``jit``): floating [B] labels
+  with one output per example.
+  """
+  return (
+    labels is not None
+    and np.ndim(labels) == 1
+    and jnp.issubdtype(_checks.dtype_of(labels), jnp.floating)
+    and np.shape(outputs)[-1:] == (1,)
+  )
+
+
+def squared_error(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """(outputs − targets)² per example, the regression loss (STS-B).
+
+  Args:
+    outputs: [B, 1] predictions.
+    targets: [B] real targets (labels, or a teacher's [B, 1] outputs).
+
+  Returns:
+    [B] squared errors.
+  """
+  _check_logits(outputs, "outputs")
+  t = jnp.reshape(targets, (np.shape(targets)[0], -1))
+  if np.shape(t) != np.shape(outputs):
+    raise ValueError(f"targets {np.shape(targets)} do not match outputs {np.shape(outputs)}")
+  return jnp.sum(jnp.square(_at_least_f32(outputs) - _at_least_f32(t)), axis=-1)
+
+
+def supervised_loss(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+  """The task loss per example: ``cross_entropy``, or ``squared_error`` for regression.
+
+  Args:
+    outputs: [B, K] logits, or [B, 1] regression outputs.
+    labels: [B] class ids / [B, K] probabilities, or [B] float scores (with K = 1).
+
+  Returns:
+    [B] losses.
+  """
+  if is_regression(outputs, labels):
+    return squared_error(outputs, labels)
+  return cross_entropy(outputs, labels)
+
+
+def regression_kd_loss(
+  student: jax.Array, teacher: jax.Array, labels: jax.Array, *, alpha: float = 0.5
+) -> jax.Array:
+  """KD for regression per example: α·(S − y)² + (1−α)·(S − T)² (no temperature).
+
+  Args:
+    student: [B, 1] outputs.
+    teacher: [B, 1] outputs (constants for the caller).
+    labels: [B] float targets.
+    alpha: weight of the label term in [0, 1].
+
+  Returns:
+    [B] losses.
+  """
+  _checks.check_in_range(alpha, "alpha", 0.0, 1.0)
+  return alpha * squared_error(student, labels) + (1.0 - alpha) * squared_error(student, teacher)
+
+
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """[B] float 1.0 where argmax(logits) == label, else 0.0."""
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -196,7 +262,9 @@ class KDOptions(NamedTuple):
   def __call__(
     self, student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array | None
   ) -> jax.Array:
-    """[B] ``kd_loss`` with these options."""
+    """[B] ``kd_loss`` with these options (``regression_kd_loss`` for float scores)."""
+    if is_regression(student_logits, labels):
+      return regression_kd_loss(student_logits, teacher_logits, labels, alpha=self.alpha)
     return kd_loss(
       student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha
     )

@@ -45,16 +45,17 @@ def training_loss(
 def validation_loss(
   model, model_state: PyTree, inputs: jax.Array, labels: jax.Array
 ) -> Callable[[PyTree], jax.Array]:
-  """``params -> []``: L_V(θ), the mean cross-entropy on a validation batch.
+  """``params -> []``: L_V(θ), the mean cross-entropy (squared error for float
+  labels: regression) on a validation batch.
 
   Args:
     model: ``models.Model`` (the student).
     model_state: its non-trainable collections, held fixed.
     inputs: [V, ...] prepared validation inputs.
-    labels: [V] int labels.
+    labels: [V] int labels (float scores for regression).
 
   Returns:
     The scalar validation loss as a function of the params.
   """
   logits = inference_logits(model, model_state, inputs)
-  return lambda params: jnp.mean(losses.cross_entropy(logits(params), labels))
+  return lambda params: jnp.mean(losses.supervised_loss(logits(params), labels))

@@ -5,6 +5,7 @@ Entry points (the trainer calls them in this order):
   validate_config(cfg)    ValueError on a bad option, before any data is touched
   load(cfg) -> Dataset    train / val / test (/ unlabelled) Splits as numpy
   normalize(x, mean, std) (x / 255 - mean) / std, jittable
+  make_prepare(...)       the steps' input preparation (normalize; identity for text)
   save_split_ids(ds, path) the ids of every split, as JSON, for auditing
 Facts of the configured dataset, without touching data (a ConfigDict or the
 plain dict of a run's config.json): num_classes(cfg), image_shape(cfg).
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 from kdaif_jax.data import noise, sources, splits
 from kdaif_jax.data.assemble import load
-from kdaif_jax.data.channels import channel_stats, normalize
+from kdaif_jax.data.channels import channel_stats, make_prepare, normalize
 from kdaif_jax.data.facts import image_shape, num_classes
 from kdaif_jax.data.noise import NOISE_KINDS, asymmetric_map, inject_noise
 from kdaif_jax.data.options import DATASETS, default_data_config
@@ -65,6 +66,7 @@ __all__ = [
   "inject_noise",
   "load",
   "load_split_ids",
+  "make_prepare",
   "noise",
   "normalize",
   "num_classes",

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kdaif_jax.data import sources
+from kdaif_jax.data import glue, sources
 from kdaif_jax.data.channels import channel_stats
 from kdaif_jax.data.facts import _val_size
 from kdaif_jax.data.noise import inject_noise
@@ -63,6 +63,8 @@ def load(config: Any) -> Dataset:
   """
   validate_config(config)
   name = _get(config, "name")
+  if name in glue.TEXT_DATASETS:
+    return glue.load_glue(config)
   seed = int(_get(config, "seed"))
   raw = _raw_source(name, config)
   k = raw.num_classes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,3 +44,19 @@ def normalize(images: jax.Array, mean: Any, std: Any) -> jax.Array:
   """
   x = jnp.asarray(images).astype(jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def make_prepare(mean: Any, std: Any, text: bool = False) -> Callable[[jax.Array], jax.Array]:
+  """The per-device input preparation of the steps (views arrive augmented).
+
+  Args:
+    mean, std: [C] channel statistics (``Dataset.mean`` / ``Dataset.std``).
+    text: token batches (GLUE): passed to the model as they are.
+
+  Returns:
+    ``batch -> model inputs``: ``normalize`` with these statistics, or the identity.
+  """
+  if text:
+    return lambda tokens: tokens
+  mean, std = jnp.asarray(mean), jnp.asarray(std)
+  return lambda images: normalize(images, mean, std)

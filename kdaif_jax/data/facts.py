@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdaif_jax.data import sources
+from kdaif_jax.data import glue, sources
 from kdaif_jax.data.options import DATASETS, _fail, _get
 
 
 def _dataset_name(config: Any) -> str:
   """data.name, checked against DATASETS (one-line ValueError otherwise)."""
   name = _get(config, "name")
-  if name not in DATASETS:
-    _fail("name", name, ", ".join(DATASETS))
+  if name not in DATASETS + glue.TEXT_DATASETS:
+    _fail("name", name, ", ".join(DATASETS + glue.TEXT_DATASETS))
   return name
 
 
@@ -41,6 +41,8 @@ def num_classes(config: Any) -> int:
     return sources.DIGITS_CLASSES
   if name == "synthetic":
     return int(_get(config, "synthetic.num_classes"))
+  if name in glue.TEXT_DATASETS:
+    return glue.GLUE_TASKS[glue.task_of(name)].num_classes
   return sources.TFDS_DATASETS[name][0]
 
 
@@ -64,6 +66,8 @@ def image_shape(config: Any) -> tuple[int, int, int]:
   if name == "synthetic":
     size = int(_get(config, "synthetic.image_size"))
     return (size, size, int(_get(config, "synthetic.channels")))
+  if name in glue.TEXT_DATASETS:  # token batches [3, L]; L at most text.max_length
+    return (3, int(glue.text_option(config, "max_length")))
   return sources.TFDS_DATASETS[name][3]
 
 
@@ -73,6 +77,8 @@ def _train_pool_size(name: str, config: Any) -> int:
     return sources.DIGITS_SIZE - sources.digits_test_count(_get(config, "test_size"))
   if name == "synthetic":
     return int(_get(config, "synthetic.num_train")) + int(_get(config, "synthetic.num_val"))
+  if name in glue.TEXT_DATASETS:
+    return glue.GLUE_TASKS[glue.task_of(name)].num_train
   return sources.TFDS_DATASETS[name][1]
 
 

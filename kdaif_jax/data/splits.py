@@ -95,6 +95,8 @@ class Dataset:
     test: clean test examples.
     unlabelled: SSL only: the rest of the training split, labels all -1.
     class_names: K human-readable class names.
+    text: text datasets only (GLUE): a ``kdaif_jax.data.glue.TextInfo``; then
+      ``images`` are int32 [N, 3, L] token batches and ``image_shape`` (3, L).
   """
 
   name: str
@@ -107,6 +109,7 @@ class Dataset:
   test: Split
   unlabelled: Split | None
   class_names: tuple[str, ...]
+  text: Any = None
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

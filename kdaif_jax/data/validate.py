@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from kdaif_jax.data import sources
+from kdaif_jax.data import glue, sources
 from kdaif_jax.data.facts import _dataset_name, _train_pool_size, _val_size, num_classes
 from kdaif_jax.data.noise import NOISE_KINDS
 from kdaif_jax.data.options import _fail, _get
@@ -96,3 +96,5 @@ def validate_config(config: Any) -> None:
   kind = _get(config, "noise.kind")
   if kind not in NOISE_KINDS:
     _fail("noise.kind", kind, ", ".join(NOISE_KINDS))
+  if name in glue.TEXT_DATASETS:
+    glue.validate_text(config)

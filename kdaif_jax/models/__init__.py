@@ -14,6 +14,16 @@ from kdaif_jax.models.registry import (
   head_keys,
   names,
   param_count,
+  text_names,
 )
 
-__all__ = ["Model", "ModelState", "Params", "create", "head_keys", "names", "param_count"]
+__all__ = [
+  "Model",
+  "ModelState",
+  "Params",
+  "create",
+  "head_keys",
+  "names",
+  "param_count",
+  "text_names",
+]

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdaif_jax.models import cnn, resnet, wrn
+from kdaif_jax.models import bert, cnn, resnet, wrn
 
 Params = Any  # pytree of arrays: the 'params' collection
 ModelState = dict[str, Any]  # the other collections, e.g. {'batch_stats': ...}
@@ -26,6 +26,9 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
   **resnet.MODELS,
   **wrn.MODELS,
 }
+# Text encoders (input: packed token batches [B, 3, L], not images), kept apart from
+# ``names()`` (the image classifiers) and listed by ``text_names()``.
+_TEXT_FACTORIES: dict[str, Callable[..., nn.Module]] = dict(bert.MODELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +39,14 @@ class Model:
     name: registry name.
     module: the Flax linen module; ``module(x, train=...)`` returns logits.
     num_classes: number of logits.
+    pretrained: text models: "" (random), "minilm" or a Hugging Face BERT
+      directory whose weights ``init`` loads (``kdaif_jax.text.weights``).
   """
 
   name: str
   module: nn.Module
   num_classes: int
+  pretrained: str = ""
 
   def init(self, key: jax.Array, sample_x: jax.Array) -> tuple[Params, ModelState]:
     """Initialise the variables.
@@ -61,6 +67,10 @@ class Model:
     # seconds, while op-by-op dispatch reuses cached per-op compiles.
     variables = dict(self.module.init(key, sample_x, train=False))
     params = variables.pop("params")
+    if self.pretrained:  # a student takes a subset of the file's layers
+      from kdaif_jax.text import weights
+
+      params = weights.init_pretrained(self.pretrained, params)
     return params, variables
 
   def apply(
@@ -89,16 +99,23 @@ class Model:
 
 
 def names() -> list[str]:
-  """Return the registered model names, sorted."""
+  """Return the registered image model names, sorted."""
   return sorted(_FACTORIES)
 
 
-def create(name: str, num_classes: int, **kwargs: Any) -> Model:
+def text_names() -> list[str]:
+  """Return the registered text model names (BERT-style encoders), sorted."""
+  return sorted(_TEXT_FACTORIES)
+
+
+def create(name: str, num_classes: int, pretrained: str | None = None, **kwargs: Any) -> Model:
   """Build a registered model.
 
   Args:
-    name: one of ``names()``.
+    name: one of ``names()`` or ``text_names()``.
     num_classes: number of logits (>= 1).
+    pretrained: text models only: "minilm" or a directory of pre-trained weights
+      that ``Model.init`` loads; None or "" for a random initialisation.
     **kwargs: overrides of the module's attributes, e.g. ``hidden=64`` for
       'mlp', ``dtype='bfloat16'`` or ``bn_momentum=0.99``.
 
@@ -109,8 +126,9 @@ def create(name: str, num_classes: int, **kwargs: Any) -> Model:
     ValueError: unknown name or a non-positive num_classes.
     TypeError: a keyword the model does not have.
   """
-  if name not in _FACTORIES:
-    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names())}")
+  factories = {**_FACTORIES, **_TEXT_FACTORIES}
+  if name not in factories:
+    raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(names() + text_names())}")
   if int(num_classes) != num_classes or num_classes < 1:
     raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
   if "dtype" in kwargs:
@@ -120,8 +138,10 @@ def create(name: str, num_classes: int, **kwargs: Any) -> Model:
   for key, value in kwargs.items():
     if isinstance(value, list):
       kwargs[key] = tuple(value)  # configs give lists; modules need hashable
-  module = _FACTORIES[name](num_classes=int(num_classes), **kwargs)
-  return Model(name=name, module=module, num_classes=int(num_classes))
+  if pretrained and name not in _TEXT_FACTORIES:
+    raise ValueError(f"pretrained={pretrained!r}: only text models load pre-trained files")
+  module = factories[name](num_classes=int(num_classes), **kwargs)
+  return Model(name=name, module=module, num_classes=int(num_classes), pretrained=pretrained or "")
 
 
 def param_count(params: Params) -> int:
@@ -154,6 +174,8 @@ def head_keys(params: Params) -> tuple[str, ...]:
   Raises:
     ValueError: no top-level Dense layer.
   """
+  if "classifier" in params:  # the BERT models name their head (Hugging Face's name)
+    return ("classifier",)
   dense = [k for k in params if k.startswith("Dense_") and k[len("Dense_") :].isdigit()]
   if not dense:
     raise ValueError(

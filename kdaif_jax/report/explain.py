@@ -130,6 +130,9 @@ def _grids(c: Context, fi) -> None:
   picks = {"helpful": order[:_GRID], "harmful": order[::-1][:_GRID]}
   rate = w["noisy"].mean()
   c.add("h", 3, "Most helpful and most harmful training examples")
+  if "text" in w:  # GLUE: the sentences themselves, not pictures
+    _text_table(c, w, score, name, picks)
+    return
   c.add(
     "p",
     f"Ranked by `{name}` (I_i = -grad l_i^T (C + lambda I)^-1 grad L_V: negative = "
@@ -193,3 +196,28 @@ def _grids(c: Context, fi) -> None:
       else "No teacher predictions: no readable teacher checkpoint (see Missing)."
     ),
   )
+
+
+def _text_table(c: Context, w: dict, score: np.ndarray, name: str, picks: dict) -> None:
+  """The most helpful and harmful training sentences (weights.csv's ``text``), as a table."""
+  c.add(
+    "p",
+    f"Ranked by `{name}` (negative = up-weighting the example lowers the validation "
+    "loss). Flipped: "
+    + ", ".join(f"{int(w['noisy'][i].sum())} of the {len(i)} most {k}" for k, i in picks.items())
+    + f" ({pct(w['noisy'].mean())} of all).",
+  )
+  rows = [
+    [
+      k,
+      int(w["id"][i]),
+      str(w["text"][i])[:160].replace("|", "/"),
+      int(w["label"][i]),
+      "yes" if w["noisy"][i] else "",
+      fmt(w["weight"][i]),
+      fmt(score[i], ".3g"),
+    ]
+    for k, idx in picks.items()
+    for i in idx
+  ]
+  c.add("table", ["group", "id", "text", "label", "flipped", "weight", name], rows)

@@ -98,12 +98,14 @@ class Files:
     """weights.csv as {column: [N] array}; ids and labels int64, ``noisy`` bool.
 
     Columns id, label, clean_label, noisy, influence, weight (and final_influence
-    when present); incomplete rows are skipped (and noted).
+    when present; ``text``, strings, for text datasets); incomplete rows are
+    skipped (and noted).
     """
     path = self._path("weights.csv", disabled)
     if path is None:
       return None
     cols: dict[str, list] = {}
+    texts: list[str] = []
     bad = 0
     try:
       with open(path, encoding="utf-8", errors="replace", newline="") as f:
@@ -119,6 +121,8 @@ class Files:
             continue
           for c, v in vals.items():
             cols.setdefault(c, []).append(v)
+          if "text" in reader.fieldnames:
+            texts.append(row["text"] or "")
     except (ValueError, OSError, csv.Error) as err:
       self.note("weights.csv", f"unreadable ({err})", disabled)
       return None
@@ -131,6 +135,8 @@ class Files:
     for c in ("id", "label", "clean_label"):
       out[c] = out[c].astype(np.int64)
     out["noisy"] = out["noisy"] > 0
+    if texts:
+      out["text"] = np.asarray(texts, object)
     return out
 
   def predictions(self, disabled: str) -> dict | None:

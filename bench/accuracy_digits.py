@@ -89,11 +89,32 @@ VARIANTS = {
   "online_identity": {"mechanism": "online", "solver": "identity"},
   "online_all": {"mechanism": "online", "scope": "all"},  # full network, every step
   "online_head": {"mechanism": "online", "scope": "head"},
+  # Per-example score memory (online.remember) off / at β = 0.5, 0.8.
+  "online_no_memory": {"mechanism": "online", "score_memory": 0.0},
+  "online_memory_0.5": {"mechanism": "online", "score_memory": 0.5},
+  "online_memory_0.8": {"mechanism": "online", "score_memory": 0.8},
 }
 
 
 def resolve_label(label: str) -> dict:
-  """Config overrides (of ``kdaif``) of a mechanism label; ValueError for an unknown one."""
+  """Config overrides (of ``kdaif``) of a mechanism label; ValueError for an unknown one.
+
+  Besides the names above, ``LABEL@key=value,key=value`` adds ``kdaif`` overrides
+  to a label (values parsed as numbers where they are), for ablations such as
+  ``online@score_memory=0.9,weight_temperature=0.1``.
+  """
+  if "@" in label:
+    base, _, extra = label.partition("@")
+    out = resolve_label(base)
+    for item in extra.split(","):
+      key, sep, value = item.partition("=")
+      if not sep or key not in config_lib.base_config().kdaif:
+        raise ValueError(f"label {label!r}: {item!r} is not kdaif_option=value")
+      try:
+        out[key] = float(value) if "." in value or "e" in value else int(value)
+      except ValueError:
+        out[key] = value
+    return out
   if label in VARIANTS:
     return dict(VARIANTS[label])
   if label in config_lib.MECHANISMS:

@@ -3,8 +3,9 @@
 Digits (scikit-learn's bundled 8x8 images, offline), teacher cnn_large trained
 from scratch, then student cnn_small distilled with KD-AIF `online` (influence
 in the student's classifier layer, GGN curvature, CG 5 iterations warm-started,
-damping 0.1, sigmoid weights). Should reach about 98% teacher and 95-96%
-student test accuracy in under 3 minutes on 2 CPU cores.
+damping 0.1, sigmoid weights from each example's score memory). Should reach
+about 98% teacher and 96-97% student test accuracy (seed 0: 98.05% / 96.94%)
+in under 3 minutes on 2 idle CPU cores.
 
 `get_config('smoke')` shrinks it to seconds (tests).
 """

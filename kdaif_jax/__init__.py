@@ -4,9 +4,11 @@ Public API:
   influence  hvp, gnvp, cg_solve, lissa, scores, batch_influence (pure pytree maths)
   weights    influence -> per-example weights (sigmoid, exp_minmax, none)
   losses     per-example CE and KD losses ([B] each)
+  lds        linear datamodeling score of an attribution, its split-half noise ceiling
+  self_influence  I_ii = ∇ℓ_iᵀ (C + λI)⁻¹ ∇ℓ_i for every example (dense factor, small P)
 """
 
-from kdaif_jax import influence, losses, weights
+from kdaif_jax import influence, lds, losses, self_influence, weights
 
-__all__ = ["influence", "losses", "weights"]
+__all__ = ["influence", "lds", "losses", "self_influence", "weights"]
 __version__ = "0.1.0"

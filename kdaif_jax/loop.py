@@ -196,11 +196,26 @@ def _val_sampler(run: Run):
   return sample
 
 
-def _record(mechanism: Mechanism, state, idx, scores, w):
+def _with_memory(state, batch: dict, idx) -> dict:
+  """Adds the examples' score memory (``online.remember``) to a step's batch."""
+  if state.score_memory is None:
+    return batch
+  return {**batch, "memory": state.score_memory[idx], "visits": state.score_visits[idx]}
+
+
+def _record(mechanism: Mechanism, state, idx, out):
+  scores, w, memory = out
   if mechanism.batch_weights:
     state = state.replace(
       last_scores=state.last_scores.at[idx].set(scores),
       last_weights=state.last_weights.at[idx].set(w),
+    )
+  if mechanism.online and state.score_memory is not None:
+    # A non-finite score leaves the memory and the visit count as they were.
+    seen = jnp.isfinite(memory)
+    state = state.replace(
+      score_memory=state.score_memory.at[idx].set(jnp.where(seen, memory, state.score_memory[idx])),
+      score_visits=state.score_visits.at[idx].add(seen.astype(jnp.float32)),
     )
   return state
 
@@ -227,8 +242,8 @@ def sharded_train_fn(run: Run, per_device, with_val: bool):
     }
     if not with_val:
       return sm(state, {"images": batch["images"], "labels": batch["labels"]})
-    state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
-    return _record(run.mechanism, state, idx, scores, w), metrics
+    state, metrics, out = sm(state, _with_memory(state, batch, idx), val_batch(state, arrays))
+    return _record(run.mechanism, state, idx, out), metrics
 
   return jax.jit(outer, donate_argnums=(0,))
 
@@ -257,9 +272,10 @@ def sharded_ssl_fn(run: Run, per_device):
       "lab_labels": arrays["train_labels"][lidx],
       "unl_weak": run.weak(step_key(state, StepStream.SSL_WEAK_VIEW), unl),
       "unl_strong": run.strong(step_key(state, StepStream.SSL_STRONG_VIEW), unl),
+      "unl_true_labels": arrays["unl_true_labels"][uidx],  # analysis only
     }
-    state, metrics, (scores, w) = sm(state, batch, val_batch(state, arrays))
-    return _record(run.mechanism, state, uidx, scores, w), metrics
+    state, metrics, out = sm(state, _with_memory(state, batch, uidx), val_batch(state, arrays))
+    return _record(run.mechanism, state, uidx, out), metrics
 
   return jax.jit(outer, donate_argnums=(0,))
 

@@ -24,7 +24,9 @@ PyTree = Any
 __all__ = [
   "BatchInfluence",
   "feedback_weights",
+  "memory_of",
   "online_influence",
+  "remember",
   "scope_params",
   "scope_restrict",
   "student_influence",
@@ -42,6 +44,8 @@ class BatchInfluence(NamedTuple):
   scores: [b] influence of the local examples (negative = helpful).
   weights: [b] weights, mean 1 over the global batch, gradient stopped.
   metrics: the solve statistics by name, for the logs.
+  memory: [b] the examples' updated score memory (``remember``); the memory
+    passed in when ``opts.memory`` is 0.
   """
 
   s: PyTree
@@ -49,6 +53,46 @@ class BatchInfluence(NamedTuple):
   scores: jax.Array
   weights: jax.Array
   metrics: dict
+  memory: jax.Array
+
+
+def memory_of(batch: dict, size: int) -> tuple[jax.Array, jax.Array]:
+  """A step's batch's ``(memory, visits)`` [size] each (zeros where it has none)."""
+  zeros = jnp.zeros((size,), jnp.float32)
+  return batch.get("memory", zeros), batch.get("visits", zeros)
+
+
+def remember(
+  scores: jax.Array,
+  memory: jax.Array,
+  visits: jax.Array,
+  beta: float,
+  axis_name: str | None = None,
+) -> jax.Array:
+  """Each example's running memory of its standardised influence.
+
+  m_i ← β·m_i + (1 − β)·I_i / std_B(I) on every visit after the first, and
+  I_i / std_B(I) on the first (so no start-up bias). One batch sees an example
+  once per epoch, each time through a different s and next to other
+  examples; the memory averages those views, as whole-set influence does at
+  the cost of a scoring pass. Standardising by the batch's spread makes views
+  taken at different stages of training comparable (the sigmoid map divides
+  by the spread anyway). A non-finite score leaves the memory unchanged and
+  stays non-finite in the output, so the weight map still gives it weight 0.
+
+  Args:
+    scores: [b] influence of this step (negative = helpful).
+    memory: [b] the examples' memory before this step.
+    visits: [b] how many times each example was scored before (0: never).
+    beta: β in [0, 1).
+    axis_name: mesh axis the batch is sharded over (std of the global batch).
+
+  Returns:
+    [b] the updated memory: the values the weights are computed from.
+  """
+  _, std = weights_lib.moments(jnp.where(jnp.isfinite(scores), scores, 0.0), axis_name)
+  z = scores / jnp.where(std > 0, std, 1.0)
+  return jnp.where(visits > 0, beta * memory + (1.0 - beta) * z, z)
 
 
 def online_influence(
@@ -61,6 +105,7 @@ def online_influence(
   *,
   refresh: bool,
   axis_name: str | None,
+  memory: tuple[jax.Array, jax.Array] | None = None,
 ) -> BatchInfluence:
   """docs/method.md §1-2 for the batch: influence of every example, then weights.
 
@@ -78,6 +123,8 @@ def online_influence(
     opts: solver, weight map and warm start.
     refresh: recompute g_V and s.
     axis_name: mesh axis, or None.
+    memory: ``([b] memory, [b] visits)`` of the examples; with ``opts.memory``
+      > 0 the weights come from ``remember`` instead of this step's scores.
 
   Returns:
     ``BatchInfluence``.
@@ -105,14 +152,21 @@ def online_influence(
     diverged = jnp.zeros((), jnp.float32)  # no solve this step
     local = lambda tree: device_local(tree, axis_name)
     scores = influence.scores(train_loss, local(params), local(s))
-  w = jax.lax.stop_gradient(opts.weights(scores, axis_name=axis_name))
+  if memory is None:
+    memory = (jnp.zeros_like(scores), jnp.zeros_like(scores))
+  new_memory = memory[0]
+  weigh = scores
+  if opts.memory > 0:
+    new_memory = remember(scores, *memory, opts.memory, axis_name)
+    weigh = new_memory
+  w = jax.lax.stop_gradient(opts.weights(weigh, axis_name=axis_name))
   metrics = {
     "cg_iterations": stats[0],
     "cg_residual": stats[1],
     "cg_negative_curvature": stats[2],
     "solve_diverged": diverged,  # 1 when this step's solve blew up (e.g. LiSSA scale)
   }
-  return BatchInfluence(s, stats, scores, w, metrics)
+  return BatchInfluence(s, stats, scores, w, metrics, jax.lax.stop_gradient(new_memory))
 
 
 def student_influence(
@@ -126,6 +180,7 @@ def student_influence(
   *,
   refresh: bool,
   axis_name: str | None,
+  memory: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[Any, BatchInfluence]:
   """``online_influence`` of the student in ``state`` on a batch; the state keeps s.
 
@@ -140,7 +195,7 @@ def student_influence(
     inputs: [b, ...] prepared training inputs of the local shard.
     per_example: ``logits -> [b]`` training losses (targets closed over).
     val_inputs, val_labels: the local shard of the validation batch.
-    opts, refresh, axis_name: as in ``online_influence``.
+    opts, refresh, axis_name, memory: as in ``online_influence``.
 
   Returns:
     ``(state with s and solve_stats, BatchInfluence)``.
@@ -161,6 +216,7 @@ def student_influence(
     opts,
     refresh=refresh,
     axis_name=axis_name,
+    memory=memory,
   )
   # s keeps the student's shape; outside the scope it stays zero.
   return state.replace(s={**state.s, **block.s}, solve_stats=block.stats), block

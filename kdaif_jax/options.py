@@ -88,12 +88,15 @@ class InfluenceOptions(NamedTuple):
   warm_start: start CG from the previous s.
   scope: the parameters influence is computed in: "all" (the whole student) or
     "head" (its classifier layer; ``influence.restrict``).
+  memory: β in [0, 1) of each example's memory of its standardised scores
+    (``online.remember``); 0 weighs every batch by its own scores only.
   """
 
   solver: SolverOptions = SolverOptions()
   weights: WeightMap = WeightMap()
   warm_start: bool = True
   scope: str = "all"
+  memory: float = 0.0
 
 
 class SSLOptions(NamedTuple):
@@ -105,6 +108,7 @@ class SSLOptions(NamedTuple):
   uda_threshold: float = 0.8
   uda_temperature: float = 0.4
   ema: float = 0.0
+  fixmatch_threshold: float = 0.95
 
 
 class StepOptions(NamedTuple):

@@ -62,7 +62,10 @@ def finish(
     infl, w = final_scores, np.asarray(state.last_weights)
   else:
     infl, w = np.asarray(state.last_scores), np.asarray(state.last_weights)
-  _write_weights_csv(run, infl, w, final_scores)
+  self_infl = _self_influence(run, state, scorer, np.full_like(final_scores, np.nan))
+  _write_weights_csv(run, infl, w, final_scores, self_infl)
+  if ds.text is not None:
+    _add_text_column(run)
   np.savez_compressed(
     os.path.join(run.workdir, "predictions.npz"),
     labels=ds.test.clean_labels,
@@ -116,6 +119,13 @@ def finish(
     "device_kind": jax.devices()[0].device_kind,
     "jax_version": jax.__version__,
   }
+  if ds.text is not None:  # GLUE: the task's official metrics on its test (dev) split
+    from kdaif_jax.text.metrics import task_metrics
+
+    summary["task_metrics"] = {
+      net: task_metrics(ds.text.task, results[(net, "test")]["logits"], ds.test.clean_labels)
+      for net in ("teacher", "student")
+    }
   with open(os.path.join(run.workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, sort_keys=True)
   if cfg.report and jax.process_index() == 0:
@@ -160,6 +170,8 @@ def collapse_warnings(run: loop.Run, results: dict) -> list[str]:
   """
   labels = np.asarray(run.ds.test.clean_labels)
   k = run.ds.num_classes
+  if run.ds.text is not None and run.ds.text.regression:  # no classes: no chance level
+    return loss_rise_warnings(os.path.join(run.workdir, "metrics.jsonl"))
   chance = max(np.bincount(labels, minlength=k).max() / max(len(labels), 1), 1.0 / k)
   out = []
   for net in ("teacher", "student"):
@@ -206,10 +218,46 @@ def loss_rise_warnings(path: str) -> list[str]:
   return out
 
 
-def _write_weights_csv(run: loop.Run, infl, w, final_scores) -> None:
+def _self_influence(run: loop.Run, state, scorer, missing: np.ndarray) -> np.ndarray:
+  """The scorer's self-influence of every scored example, or ``missing`` (NaN) when the
+  scorer has none or the classifier layer is too large for its dense factor (a
+  CIFAR-100 head: P = (features + 1)·100 > ``self_influence.MAX_PARAMS``)."""
+  self_fn = getattr(scorer, "self_influence", None)
+  if self_fn is None:
+    return missing
+  try:
+    return self_fn(state, loop.scored_arrays(run), run_key(run.cfg.seed, RunStream.FINAL_SCORING))
+  except ValueError as e:
+    if "max_params" not in str(e):
+      raise
+    log.warning("self_influence column left empty (NaN): %s", e)
+    return missing
+
+
+def _write_weights_csv(run: loop.Run, infl, w, final_scores, self_infl) -> None:
+  # self_influence: I_ii in the classifier layer (scoring.make_self_influence_scorer).
   tr = run.scored
   path = os.path.join(run.workdir, "weights.csv")
   with open(path, "w") as f:
-    f.write("id,label,clean_label,noisy,influence,weight,final_influence\n")
-    for row in zip(tr.ids, tr.labels, tr.clean_labels, tr.noisy, infl, w, final_scores):
-      f.write(f"{row[0]},{row[1]},{row[2]},{int(row[3])},{row[4]:.6g},{row[5]:.6g},{row[6]:.6g}\n")
+    f.write("id,label,clean_label,noisy,influence,weight,final_influence,self_influence\n")
+    rows = zip(tr.ids, tr.labels, tr.clean_labels, tr.noisy, infl, w, final_scores, self_infl)
+    for row in rows:
+      f.write(
+        f"{row[0]},{row[1]},{row[2]},{int(row[3])},{row[4]:.6g},{row[5]:.6g},{row[6]:.6g},"
+        f"{row[7]:.6g}\n"
+      )
+
+
+def _add_text_column(run: loop.Run) -> None:
+  """Appends each training example's text (GLUE) to weights.csv as a quoted column."""
+  import csv
+
+  path = os.path.join(run.workdir, "weights.csv")
+  texts = run.ds.text.train_texts
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  rows[0].append("text")
+  for row in rows[1:]:
+    row.append(str(texts[int(row[0])]))
+  with open(path, "w", newline="") as f:
+    csv.writer(f, lineterminator="\n").writerows(rows)

@@ -5,6 +5,10 @@ One inverse solve s = (C + λI)⁻¹ ∇L_V with C the curvature on a random
 sample of training examples and L_V on the validation set (more CG
 iterations than the online step), then I_i = −∇ℓ_iᵀ s for every training
 example, chunk by chunk, by one jvp per chunk.
+
+The returned scorer also carries ``score.self_influence``: the self-influence
+I_ii = ∇ℓ_iᵀ (C + λI)⁻¹ ∇ℓ_i of every example, exact in the classifier layer
+(``kdaif_jax.self_influence``), for the ``self_influence`` column of weights.csv.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdaif_jax import influence, objectives, online, parallel
+from kdaif_jax import self_influence as self_influence_lib
 from kdaif_jax.options import ScorerOptions
 from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.step import TrainState
@@ -45,6 +50,8 @@ def make_whole_set_scorer(
   Returns:
     A host function scoring every training example with the state's student.
     ``arrays`` holds device arrays train_images/train_labels/val_images/val_labels.
+    Its attribute ``self_influence`` is ``make_self_influence_scorer``'s function
+    for the same inputs.
   """
   axis = parallel.AXIS
   solver = opts.solver
@@ -111,4 +118,62 @@ def make_whole_set_scorer(
       out[start:stop] = vals[: stop - start]
     return out, jax.device_get(info)
 
+  score.self_influence = make_self_influence_scorer(student, teacher, prepare, opts, mesh)
   return score
+
+
+def make_self_influence_scorer(
+  student, teacher, prepare: Callable, opts: ScorerOptions, mesh
+) -> Callable:
+  """Builds ``self_score(state, arrays, key) -> [N] numpy``: I_ii for every example.
+
+  Always in the classifier layer (``scope="head"``), whatever ``opts.scope``:
+  there the dense factor of C + λI is small and the result exact
+  (``kdaif_jax.self_influence``); over the whole student it would take P²
+  floats. C is the curvature of the training loss on ``opts.curvature_size``
+  examples drawn from ``key`` as the whole-set scorer draws its sample (the
+  same sample on one device), λ and the curvature kind are ``opts.solver``'s.
+  Runs under plain ``jit`` (the sample and the chunks may be
+  sharded over ``mesh``; XLA gathers what it needs: the head is small).
+
+  Args:
+    student, teacher, prepare, opts, mesh: as in ``make_whole_set_scorer``.
+
+  Returns:
+    A host function returning float32 [N] (NaN if the factor does not exist,
+    e.g. an indefinite Hessian with too little damping).
+  """
+  del mesh  # one device program; the inputs keep their shardings
+  solver = opts.solver
+
+  @jax.jit
+  def factor(state: TrainState, images, labels):
+    train_loss = _training_loss(student, teacher, state, prepare, opts.kd, images, labels)
+    scoped = online.scope_restrict("head", state.student.params, train_loss, None)
+    return self_influence_lib.damped_cholesky(
+      scoped.params, scoped.train_loss, curvature=solver.curvature, damping=solver.damping
+    )
+
+  @jax.jit
+  def chunk(state: TrainState, chol, images, labels):
+    train_loss = _training_loss(student, teacher, state, prepare, opts.kd, images, labels)
+    scoped = online.scope_restrict("head", state.student.params, train_loss, None)
+    return self_influence_lib.self_influence(scoped.train_loss, scoped.params, chol)
+
+  def self_score(state: TrainState, arrays: dict, key: jax.Array):
+    n = arrays["train_labels"].shape[0]
+    m = min(opts.curvature_size, n)
+    idx = jax.random.choice(key, n, (m,), replace=False)
+    chol = factor(state, arrays["train_images"][idx], arrays["train_labels"][idx])
+    out = np.zeros((n,), np.float32)
+    size = max(1, opts.chunk_size)
+    for start in range(0, n, size):
+      ids = np.arange(start, start + size) % n  # wrap the last chunk: one compiled shape
+      vals = np.asarray(
+        chunk(state, chol, arrays["train_images"][ids], arrays["train_labels"][ids])
+      )
+      stop = min(start + size, n)
+      out[start:stop] = vals[: stop - start]
+    return out
+
+  return self_score

@@ -5,6 +5,8 @@ Teacher on weak views, student on strong views (UDA / Meta Pseudo Labels):
   student:  λ_u · Σ_j w_j ℓ_j / Σ_j w_j  +  mean_l CE(y_l, S(weak(x_l)))
             ℓ_j = τ²·KL(softmax(T(weak u_j)/τ) ‖ softmax(S(strong u_j)/τ))   (targets "soft")
                  or CE(argmax T(weak u_j), S(strong u_j))                     (targets "hard")
+                 or 1[max p_j ≥ c]·CE(argmax p_j, S(strong u_j)),
+                    p_j = softmax(S(weak u_j)) (constant)                     ("fixmatch")
             w_j = KD-AIF weights of the unlabelled examples (none: 1)
   teacher (joint only):
             mean_l CE(y_l, T(weak x_l))
@@ -31,19 +33,33 @@ from kdaif_jax.step import NetState, TrainState, update_net
 
 
 def unlabelled_loss(
-  student_logits: jax.Array, teacher_logits: jax.Array, *, targets: str, temperature: float
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  *,
+  targets: str,
+  temperature: float,
+  threshold: float = 0.95,
 ) -> jax.Array:
   """Per-example loss of the student on unlabelled examples, [B].
 
   Args:
     student_logits: [B, K] on strong views.
-    teacher_logits: [B, K] on weak views (constants).
-    targets: "soft" (τ²·KL at temperature τ) or "hard" (CE with argmax pseudo-labels).
+    teacher_logits: [B, K] on weak views (constants): the teacher's, or for
+      "fixmatch" the student's own.
+    targets: "soft" (τ²·KL at temperature τ), "hard" (CE with argmax
+      pseudo-labels) or "fixmatch" (hard pseudo-labels of the examples whose
+      weak-view confidence max softmax ≥ ``threshold``, 0 for the others;
+      Sohn et al. 2020).
     temperature: τ for soft targets.
+    threshold: FixMatch's confidence threshold c.
 
   Returns:
     [B] losses.
   """
+  if targets == "fixmatch":
+    confident = jnp.max(jax.nn.softmax(teacher_logits), axis=-1) >= threshold
+    ce = losses.cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
+    return jnp.where(confident, ce, 0.0)
   if targets == "hard":
     return losses.cross_entropy(student_logits, jnp.argmax(teacher_logits, axis=-1))
   return losses.kd_loss(student_logits, teacher_logits, None, temperature=temperature)
@@ -101,8 +117,9 @@ def make_ssl_step(
   """
   mech, ssl = opts.mechanism, opts.ssl
   per_ex = lambda out, t: unlabelled_loss(
-    out, t, targets=ssl.targets, temperature=opts.kd.temperature
+    out, t, targets=ssl.targets, temperature=opts.kd.temperature, threshold=ssl.fixmatch_threshold
   )
+  fixmatch = ssl.targets == "fixmatch"
 
   def step(state: TrainState, batch: dict, val: dict):
     xl, yl = prepare(batch["lab_images"]), batch["lab_labels"]
@@ -110,6 +127,7 @@ def make_ssl_step(
     stu, tea = state.student, state.teacher
     t_weak = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, xw, False)[0])
     metrics = {}
+    memory = online.memory_of(batch, xs.shape[0])
     if mech.online:
       state, block = online.student_influence(
         state,
@@ -121,20 +139,24 @@ def make_ssl_step(
         opts.influence,
         refresh=refresh,
         axis_name=axis_name,
+        memory=memory,
       )
-      scores, w = block.scores, block.weights
+      scores, w, memory = block.scores, block.weights, (block.memory, memory[1])
       metrics.update(block.metrics)
     else:
       scores = jnp.zeros((xs.shape[0],), jnp.float32)
       w = jnp.ones_like(scores)
     denom = pmean(jnp.mean(w), axis_name)
-    nl = xl.shape[0]
+    nl, nu = xl.shape[0], xs.shape[0]
 
     def student_loss(p):
-      # One forward over labelled + unlabelled so batch norm sees the joint batch.
-      logits, ms = student.apply(p, stu.model_state, jnp.concatenate([xl, xs]), True)
+      # One forward over labelled + unlabelled so batch norm sees the joint batch
+      # (FixMatch adds the weak views: the student's own targets).
+      inputs = [xl, xs, xw] if fixmatch else [xl, xs]
+      logits, ms = student.apply(p, stu.model_state, jnp.concatenate(inputs), True)
       lab = jnp.mean(losses.cross_entropy(logits[:nl], yl))
-      unl_per = per_ex(logits[nl:], t_weak)
+      targets = jax.lax.stop_gradient(logits[nl + nu :]) if fixmatch else t_weak
+      unl_per = per_ex(logits[nl : nl + nu], targets)
       unl = jnp.mean(w * unl_per) / denom
       return lab + ssl.unlabelled_weight * unl, (ms, (lab, unl_per, logits[:nl]))
 
@@ -150,6 +172,8 @@ def make_ssl_step(
       labelled_loss=lab,
       unlabelled_loss=pmean(jnp.mean(unl_per), axis_name),
       accuracy=pmean(jnp.mean(losses.accuracy(lab_logits, yl)), axis_name),
+      # The teacher's pseudo-labels against the hidden true labels (analysis only).
+      pseudo_label_accuracy=_pseudo_label_accuracy(t_weak, batch, axis_name),
       **online.weight_metrics(w, scores, jnp.zeros(w.shape, bool), axis_name),
     )
     new_teacher = tea
@@ -159,9 +183,20 @@ def make_ssl_step(
       )
       metrics.update(tm)
     state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher, ema=ema)
-    return state, metrics, (scores, w)
+    return state, metrics, (scores, w, memory[0])
 
   return step
+
+
+def _pseudo_label_accuracy(t_weak: jax.Array, batch: dict, axis_name: str | None) -> jax.Array:
+  """Share of the teacher's weak-view pseudo-labels equal to the hidden true label.
+
+  NaN when the batch carries no true labels (a caller without them).
+  """
+  true = batch.get("unl_true_labels")
+  if true is None:
+    return jnp.full((), jnp.nan, jnp.float32)
+  return pmean(jnp.mean(losses.accuracy(t_weak, true)), axis_name)
 
 
 def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, opts, axis_name):

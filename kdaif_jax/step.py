@@ -55,6 +55,9 @@ class TrainState:
   solve_stats: [3] float32 iterations, relative residual and negative-curvature
     flag of the newest inverse solve (reported on every step, refreshed or not).
   ema: exponential moving average of the student params (SSL, ``ssl.ema`` > 0).
+  score_memory, score_visits: [N] each example's memory of its standardised
+    scores and how often it was scored (``online.remember``;
+    ``kdaif.score_memory`` > 0). None where a caller has no use for them.
   """
 
   step: jax.Array
@@ -67,6 +70,8 @@ class TrainState:
   last_weights: jax.Array
   solve_stats: jax.Array
   ema: PyTree
+  score_memory: jax.Array | None = None
+  score_visits: jax.Array | None = None
 
 
 def apply_update(net: NetState, tx: optax.GradientTransformation, grads, model_state) -> NetState:
@@ -129,7 +134,7 @@ def make_supervised_step(
 
     def loss_fn(p):
       logits, ms = model.apply(p, cur.model_state, x, True)
-      return jnp.mean(losses.cross_entropy(logits, y)), (ms, logits)
+      return jnp.mean(losses.supervised_loss(logits, y)), (ms, logits)
 
     new, loss, logits = update_net(cur, tx, loss_fn, axis_name)
     acc = pmean(jnp.mean(losses.accuracy(logits, y)), axis_name)
@@ -163,9 +168,11 @@ def make_kd_step(
     axis_name: mesh axis.
 
   Returns:
-    ``step(state, batch, val) -> (state, metrics, (scores [b], weights [b]))``
-    per device. batch: images, labels, noisy [b] (analysis only), weights [b]
-    (frozen per-example weights; used by static/periodic). val: images, labels.
+    ``step(state, batch, val) -> (state, metrics, (scores [b], weights [b],
+    memory [b]))`` per device. batch: images, labels, noisy [b] (analysis
+    only), weights [b] (frozen per-example weights; used by static/periodic),
+    optionally memory and visits [b] (``online.remember``; returned updated,
+    or unchanged when unused). val: images, labels.
   """
   mech, kd = opts.mechanism, opts.kd
 
@@ -176,6 +183,7 @@ def make_kd_step(
     t_logits = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, x, False)[0])
     per_example = lambda out: kd(out, t_logits, y)
     metrics = {}
+    memory = online.memory_of(batch, y.shape[0])
     if mech.online:
       state, block = online.student_influence(
         state,
@@ -187,8 +195,9 @@ def make_kd_step(
         opts.influence,
         refresh=refresh,
         axis_name=axis_name,
+        memory=memory,
       )
-      scores, w = block.scores, block.weights
+      scores, w, memory = block.scores, block.weights, (block.memory, memory[1])
       metrics.update(block.metrics)
     elif mech.small_loss:
       # docs/method.md §7 baseline: down-weight the largest training losses.
@@ -226,7 +235,7 @@ def make_kd_step(
       )
       metrics.update(tmetrics)
     state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher)
-    return state, metrics, (scores, w)
+    return state, metrics, (scores, w, memory[0])
 
   return step
 
@@ -269,7 +278,7 @@ def make_eval_step(model, prepare: Callable, *, axis_name: str | None = "data") 
     logits, _ = model.apply(params, model_state, prepare(images), False)
     m = mask.astype(jnp.float32)
     sums = {
-      "loss": jnp.sum(m * losses.cross_entropy(logits, labels)),
+      "loss": jnp.sum(m * losses.supervised_loss(logits, labels)),
       "correct": jnp.sum(m * losses.accuracy(logits, labels)),
       "count": jnp.sum(m),
     }

@@ -54,8 +54,7 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
 
 def _make_prepare(ds: data.Dataset):
   """Normalisation, applied per device inside the steps (views arrive augmented)."""
-  mean, std = jnp.asarray(ds.mean), jnp.asarray(ds.std)
-  return lambda images: data.normalize(images, mean, std)
+  return data.make_prepare(ds.mean, ds.std, text=ds.text is not None)
 
 
 def _make_augment(cfg):
@@ -94,6 +93,8 @@ def _device_arrays(ds: data.Dataset, mesh) -> dict:
   if ds.unlabelled is not None:
     arrays["unl_images"] = ds.unlabelled.images
     arrays["unl_labels"] = ds.unlabelled.labels
+    # The hidden true labels: the pseudo-labels' accuracy in the logs, nothing else.
+    arrays["unl_true_labels"] = ds.unlabelled.clean_labels
   return parallel.replicate({k: np.asarray(v) for k, v in arrays.items()}, mesh)
 
 
@@ -119,6 +120,8 @@ def _init_state(run: loop.Run, key: jax.Array) -> step_lib.TrainState:
     last_weights=jnp.ones((n,), jnp.float32),
     solve_stats=jnp.zeros((3,), jnp.float32),
     ema=jax.tree.map(jnp.copy, s_params),  # its own buffers: the step donates both
+    score_memory=jnp.zeros((n,), jnp.float32),
+    score_visits=jnp.zeros((n,), jnp.float32),
   )
 
 
@@ -405,8 +408,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
     jax.default_backend(),
   )
 
-  teacher = models.create(cfg.teacher.model, ds.num_classes)
-  student = models.create(cfg.student.model, ds.num_classes)
+  net = lambda n: models.create(cfg[n].model, ds.num_classes, pretrained=cfg[n].get("pretrained"))
+  teacher, student = net("teacher"), net("student")
   writer = MetricsWriter(workdir)
   weak, strong = _make_augment(cfg)
   run = loop.Run(

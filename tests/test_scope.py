@@ -144,7 +144,7 @@ def test_head_scope_step_equals_restricted_batch_influence():
   prepare = lambda im: im.astype(jnp.float32) / 255.0 - 0.5
   fn = step_lib.make_kd_step(student, teacher, tx, None, prepare, opts, axis_name=None)
   batch = {"images": x, "labels": y, "noisy": jnp.zeros((16,), bool), "weights": jnp.ones(16)}
-  new, _, (scores, w) = jax.jit(fn)(state, batch, {"images": xv, "labels": yv})
+  new, _, (scores, w, _) = jax.jit(fn)(state, batch, {"images": xv, "labels": yv})
 
   t_logits = teacher.apply(tp, tms, prepare(x), False)[0]
   train = objectives.training_loss(student, sms, prepare(x), lambda o: opts.kd(o, t_logits, y))

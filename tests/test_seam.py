@@ -115,7 +115,7 @@ def _run_sharded(num_devices):
     parallel.shard_map(step_fn, mesh, (REPLICATED, BATCH, BATCH), (REPLICATED, REPLICATED, BATCH))
   )
   rep, shard = parallel.replicate(state, mesh), jax.device_put((batch, val), parallel.sharded(mesh))
-  new, metrics, (scores, weights) = mapped(rep, *shard)
+  new, metrics, (scores, weights, _) = mapped(rep, *shard)
 
   def lib(state, batch, val):
     train, val_loss = _losses(

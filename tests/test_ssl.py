@@ -112,7 +112,7 @@ def test_ssl_step_updates(mechanism):
   state, batch, val, fn = _ssl_setup(
     mechanism, uda_weight=1.0 if mechanism == "joint" else 0.0, ema=0.9
   )
-  new, metrics, (scores, w) = fn(state, batch, val)
+  new, metrics, (scores, w, _) = fn(state, batch, val)
   assert scores.shape == (8,) and w.shape == (8,)
   assert _differ(state.student.params, new.student.params)
   assert _differ(state.ema, new.ema)
@@ -132,3 +132,52 @@ def test_ssl_labelled_only_ignores_unlabelled_images():
   b, _, _ = fn(state, batch2, val)
   for x, y in zip(jax.tree.leaves(a.student.params), jax.tree.leaves(b.student.params)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_fixmatch_loss_keeps_only_confident_pseudo_labels():
+  s = jnp.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.0, 3.0]])
+  own = jnp.array([[0.0, 9.0, 0.0], [1.0, 1.2, 1.0], [0.0, 0.0, 9.0]])  # confident, not, confident
+  got = ssl.unlabelled_loss(s, own, targets="fixmatch", temperature=1.0, threshold=0.95)
+  ce = losses.cross_entropy(s, jnp.array([1, 1, 2]))
+  np.testing.assert_allclose(got, [ce[0], 0.0, ce[2]], rtol=1e-6)
+
+
+def test_fixmatch_step_equals_the_fixmatch_loss_on_the_students_own_weak_views():
+  state, batch, val, fn = _ssl_setup("none", targets="fixmatch", fixmatch_threshold=0.0)
+  new, metrics, _ = fn(state, batch, val)
+  # Oracle: written out from the definition (one forward, weak views as constants).
+  student = models.create("mlp", 3, hidden=8)
+  prepare = lambda im: im.astype(jnp.float32) / 255.0
+  xl, xs, xw = (prepare(batch[k]) for k in ("lab_images", "unl_strong", "unl_weak"))
+  p = state.student.params
+  own = student.apply(p, {}, xw, True)[0]
+  expect = jnp.mean(losses.cross_entropy(student.apply(p, {}, xl, True)[0], batch["lab_labels"]))
+  expect += jnp.mean(
+    losses.cross_entropy(student.apply(p, {}, xs, True)[0], jnp.argmax(own, axis=-1))
+  )
+  np.testing.assert_allclose(metrics["loss"], expect, rtol=1e-5)
+  # The teacher takes no part: other teacher params give the same student.
+  other = state.replace(
+    teacher=state.teacher.replace(params=jax.tree.map(jnp.zeros_like, state.teacher.params))
+  )
+  again, _, _ = fn(other, batch, val)
+  for a, b in zip(jax.tree.leaves(new.student.params), jax.tree.leaves(again.student.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fixmatch_needs_mechanism_none():
+  cfg = config_lib.base_config()
+  cfg.ssl.targets = "fixmatch"
+  with pytest.raises(ValueError, match=r"ssl.targets='fixmatch'.*with none"):
+    config_lib.validate(cfg)
+  cfg.kdaif.mechanism = "none"
+  config_lib.validate(cfg)
+
+
+def test_teachers_pseudo_label_accuracy_is_logged_against_the_hidden_labels():
+  state, batch, val, fn = _ssl_setup("none")
+  t = models.create("mlp", 3, hidden=16)
+  pseudo = jnp.argmax(t.apply(state.teacher.params, {}, batch["unl_weak"] / 255.0, False)[0], -1)
+  truth = pseudo.at[:3].set((pseudo[:3] + 1) % 3)  # 5 of 8 right
+  _, metrics, _ = fn(state, {**batch, "unl_true_labels": truth}, val)
+  np.testing.assert_allclose(metrics["pseudo_label_accuracy"], 5 / 8)

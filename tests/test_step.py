@@ -62,7 +62,7 @@ def _changed(a, b):
 )
 def test_every_mechanism_updates_the_student(mechanism):
   *_, state, batch, val, fn = _setup(mechanism)
-  new, metrics, (scores, w) = jax.jit(fn)(state, batch, val)
+  new, metrics, (scores, w, _) = jax.jit(fn)(state, batch, val)
   assert int(new.step) == 1
   assert _changed(state.student.params, new.student.params)
   assert np.all(np.isfinite(np.asarray(metrics["loss"])))
@@ -97,7 +97,7 @@ def test_none_equals_plain_kd():
 
 def test_static_weights_are_used_normalised():
   cfg, student, teacher, tx, prepare, state, batch, val, fn = _setup("static")
-  new, metrics, (_, w) = fn(state, batch, val)
+  new, metrics, (_, w, _) = fn(state, batch, val)
   np.testing.assert_allclose(w, batch["weights"])
   x = prepare(batch["images"])
   t = teacher.apply(state.teacher.params, {}, x, False)[0]
@@ -154,3 +154,63 @@ def test_eval_step_counts():
   assert float(sums["count"]) == 10
   acc = losses.accuracy(logits, batch["labels"])[:10].sum()
   np.testing.assert_allclose(sums["correct"], acc)
+
+
+def test_remember_is_a_running_mean_of_standardised_scores():
+  rng = np.random.default_rng(3)
+  scores = rng.normal(size=8) * 5.0
+  memory, visits = rng.normal(size=8), np.array([0, 1, 2, 0, 5, 1, 0, 3], np.float32)
+  got = online.remember(
+    jnp.asarray(scores, jnp.float32), jnp.asarray(memory, jnp.float32), jnp.asarray(visits), 0.7
+  )
+  z = scores / scores.std()  # float64 oracle; population std, as the weight maps use
+  expect = np.where(visits > 0, 0.7 * memory + 0.3 * z, z)
+  np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+  # A non-finite score stays non-finite (weight 0); the others are unaffected.
+  bad = online.remember(
+    jnp.asarray(scores, jnp.float32).at[2].set(jnp.nan),
+    jnp.asarray(memory, jnp.float32),
+    jnp.asarray(visits),
+    0.7,
+  )
+  assert not np.isfinite(bad[2]) and np.all(np.isfinite(np.delete(np.asarray(bad), 2)))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.6])
+def test_online_step_weighs_by_the_memory_and_returns_it(beta):
+  cfg, student, teacher, tx, prepare, state, batch, val, _ = _setup("online")
+  cfg.kdaif.score_memory = beta
+  opts = config_lib.step_options(cfg)
+  fn = step_lib.make_kd_step(student, teacher, tx, None, prepare, opts, axis_name=None)
+  memory = jnp.linspace(-2.0, 2.0, B)
+  visits = (jnp.arange(B) % 3).astype(jnp.float32)
+  _, _, (scores, w, new_memory) = jax.jit(fn)(
+    state, {**batch, "memory": memory, "visits": visits}, val
+  )
+  if beta == 0:  # no memory: today's weights, the memory passes through unchanged
+    np.testing.assert_array_equal(new_memory, memory)
+    np.testing.assert_allclose(w, opts.influence.weights(scores), rtol=1e-6)
+  else:
+    expect = online.remember(scores, memory, visits, beta)
+    np.testing.assert_allclose(new_memory, expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w, opts.influence.weights(expect), rtol=1e-5, atol=1e-6)
+    # The memory moved the weights: they differ from this step's scores alone.
+    assert not np.allclose(w, opts.influence.weights(scores), atol=1e-3)
+
+
+def test_the_loop_records_the_memory_and_skips_non_finite_scores():
+  from kdaif_jax import loop
+  from kdaif_jax.options import Mechanism
+
+  *_, state, batch, val, _ = _setup("online")
+  state = state.replace(
+    score_memory=jnp.arange(B, dtype=jnp.float32), score_visits=jnp.ones((B,), jnp.float32)
+  )
+  idx = jnp.array([1, 4, 7])
+  memory = jnp.array([10.0, jnp.nan, 30.0])
+  new = loop._record(Mechanism("online"), state, idx, (memory, jnp.ones(3), memory))
+  np.testing.assert_array_equal(new.score_memory[jnp.array([1, 4, 7])], [10.0, 4.0, 30.0])
+  np.testing.assert_array_equal(new.score_visits[jnp.array([1, 4, 7])], [2.0, 1.0, 2.0])
+  assert float(jnp.sum(new.score_visits)) == B + 2  # nobody else was visited
+  batch = loop._with_memory(new, {"images": None}, idx)
+  np.testing.assert_array_equal(batch["visits"], [2.0, 1.0, 2.0])

@@ -48,7 +48,8 @@ def read_jsonl(path):
 def test_config_smoke_writes_every_file(name, tmp_path):
   cfg = load_config(name)
   assert cfg.kdaif.mechanism in config_lib.MECHANISMS
-  cfg.report = name == "default"  # the end-of-run report, once (tests/test_report.py has the rest)
+  # The end-of-run report, for one supervised and one SSL run (tests/test_report.py has the rest).
+  cfg.report = name in ("default", "digits_ssl")
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert (tmp_path / "report" / "report.md").exists() == cfg.report
   for f in (
@@ -78,6 +79,9 @@ def test_config_smoke_writes_every_file(name, tmp_path):
     assert {int(r["label"]) for r in rows} == {-1}  # labels dropped from what training sees
   w = np.array([float(r["weight"]) for r in rows])
   assert np.all(np.isfinite(w)) and np.all(w > 0)
+  # Self-influence in the classifier layer (scoring.make_self_influence_scorer): I_ii ≥ 0.
+  self_infl = np.array([float(r["self_influence"]) for r in rows])
+  assert np.all(np.isfinite(self_infl)) and np.all(self_infl >= 0) and self_infl.max() > 0
   lines = read_jsonl(tmp_path / "metrics.jsonl")
   phases = {(r["kind"], r["phase"]) for r in lines}
   assert ("train", "teacher") in phases and ("train", "student") in phases
@@ -95,6 +99,11 @@ def test_config_smoke_writes_every_file(name, tmp_path):
     "cg_iterations",
   ):
     assert key in student_train[-1], key
+  if cfg.data.num_labelled:  # the teacher's pseudo-labels against the hidden true labels
+    assert all(0 <= r["pseudo_label_accuracy"] <= 1 for r in student_train)
+  if cfg.data.num_labelled and cfg.report:
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "The teacher's pseudo-labels on the unlabelled batches were right for" in report
 
 
 @pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "joint"])
@@ -141,6 +150,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.solver", "newton", "kdaif.solver"),
     ("kdaif.damping", -0.1, "kdaif.damping"),
     ("kdaif.cg_iters", 0, "kdaif.cg_iters"),
+    ("kdaif.score_memory", 1.0, "kdaif.score_memory"),  # β = 1 would never learn
     ("kd.alpha", 1.5, "kd.alpha"),
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),

@@ -73,6 +73,27 @@ def _curve_lines(
   return out
 
 
+def _pseudo_label_line(records: list[dict], offset: int) -> list[dict]:
+  """SSL runs: the epoch mean of the teacher's pseudo-label accuracy on the
+  unlabelled batches (against their hidden true labels), as a teacher line."""
+  by: dict[int, list[float]] = {}
+  for r in records:
+    if r.get("kind") == "train" and r.get("phase") == "student" and "pseudo_label_accuracy" in r:
+      by.setdefault(int(num(r.get("epoch", 0))) + 1, []).append(num(r["pseudo_label_accuracy"]))
+  if not by:
+    return []
+  xs = sorted(by)
+  return [
+    {
+      "label": "teacher pseudo-labels (unlabelled, hidden truth)",
+      "x": [e + offset for e in xs],
+      "accuracy": [float(np.nanmean(by[e])) for e in xs],
+      "color": "tab:green",
+      "ls": "-.",
+    }
+  ]
+
+
 def overview(c: Context) -> None:
   """Title, run description and the accuracy table (baseline student and gain too)."""
   s = c.summary or {}
@@ -141,7 +162,8 @@ def accuracy(c: Context) -> None:
     "teacher": lines(c.records, "teacher", "teacher", "teacher", "tab:blue")
     + lines(
       c.records, "student", "teacher", "teacher (joint updates)", "tab:purple", offset=t_epochs
-    ),
+    )
+    + _pseudo_label_line(c.records, t_epochs),
     "student": lines(c.records, "student", "student", f"student ({mech})", "tab:blue")
     + lines(c.records, "proxy", "student", "proxy (plain KD)", "tab:gray", splits=("val",)),
   }
@@ -157,6 +179,17 @@ def accuracy(c: Context) -> None:
     "epoch's mean of the logged step objective (weighted KD loss for the student, on the "
     "possibly noisy labels).",
   )
+  pseudo = _pseudo_label_line(c.records, t_epochs)
+  if pseudo:
+    acc = pseudo[0]["accuracy"]
+    c.numbers["pseudo_label_accuracy"] = {"first_epoch": acc[0], "last_epoch": acc[-1]}
+    c.add(
+      "p",
+      f"The teacher's pseudo-labels on the unlabelled batches were right for "
+      f"{pct(acc[0])} of the examples in the student's first epoch and {pct(acc[-1])} in "
+      "its last (against the true labels the splits keep for analysis only; with "
+      "`joint` the teacher learns from the student's feedback in between).",
+    )
 
 
 def fairness(c: Context) -> None:
@@ -171,6 +204,9 @@ def fairness(c: Context) -> None:
     )
     return
   k = p["teacher_logits"].shape[1]
+  if np.issubdtype(np.asarray(p["labels"]).dtype, np.floating):  # regression (GLUE STS-B)
+    c.add("p", "No classes (a regression task): see summary.json `task_metrics`.")
+    return
   names = (
     list(c.dataset.class_names)
     if c.dataset is not None and len(c.dataset.class_names) == k

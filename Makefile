@@ -19,8 +19,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python main.py --config=$(CONFIG) --workdir=$(WORKDIR)
 
+# Two workers, one test file each at a time (module fixtures run once): most of the
+# suite's time is single-threaded XLA compilation, so two cores halve it.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # Full benchmarks (the accuracy sweeps take about an hour on 2 CPU cores; they
 # resume where they stopped). Results: bench/results/*.json, summarised in BENCHMARKS.md.

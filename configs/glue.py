@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   allowed = TASKS + tuple(f"{t}_smoke" for t in TASKS)
   if not arg:
     raise ValueError(f"configs/glue.py needs a task, e.g. :sst2; allowed: {', '.join(allowed)}")
-  arg = config_lib.variant(arg, allowed=allowed)
+  arg = config_lib.variant(arg, allowed=allowed, required=True)
   task = arg.removesuffix("_smoke")
   c = config_lib.base_config()
   c.data.name = f"glue/{task}"

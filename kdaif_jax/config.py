@@ -347,7 +347,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, "progress", PROGRESS)
 
 
-def variant(arg: str | None, allowed: tuple[str, ...] = ("smoke",)) -> str | None:
+def variant(
+  arg: str | None, allowed: tuple[str, ...] = ("smoke",), *, required: bool = False
+) -> str | None:
   """Checks a config file's argument (``--config=FILE:ARG``) against its variants.
 
   Every ``get_config(arg)`` in ``configs/`` starts with it, so that a misspelt
@@ -356,6 +358,7 @@ def variant(arg: str | None, allowed: tuple[str, ...] = ("smoke",)) -> str | Non
   Args:
     arg: the argument; None or "" mean the full experiment.
     allowed: the file's variant names.
+    required: the file has no full experiment without a variant (e.g. GLUE's task).
 
   Returns:
     ``arg``, or None for the full experiment.
@@ -363,13 +366,12 @@ def variant(arg: str | None, allowed: tuple[str, ...] = ("smoke",)) -> str | Non
   Raises:
     ValueError: one line naming ``arg`` and the allowed variants.
   """
-  if arg is None or arg == "":
+  if (arg is None or arg == "") and not required:
     return None
   if arg not in allowed:
-    raise ValueError(
-      f"unknown config variant {arg!r}; allowed: {', '.join(allowed)} "
-      "(or none, FILE.py without ':', for the full experiment)"
-    )
+    what = f"unknown config variant {arg!r}" if arg else "this config needs a variant"
+    full = "" if required else " (or none, FILE.py without ':', for the full experiment)"
+    raise ValueError(f"{what}; allowed: {', '.join(allowed)}{full}")
   return arg
 
 

@@ -265,7 +265,7 @@ CONFIG_FILES = sorted(
 )
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
+@pytest.mark.parametrize("name", [n for n in CONFIG_FILES if n != "glue"])
 def test_every_config_rejects_an_unknown_variant(name):
   with pytest.raises(ValueError, match=r"unknown config variant 'smok'; allowed: smoke") as e:
     load_config(name, "smok")
@@ -275,11 +275,25 @@ def test_every_config_rejects_an_unknown_variant(name):
   assert load_config(name, "").to_dict() == full.to_dict()
 
 
+def test_glue_config_needs_a_task_and_names_them_all():
+  # configs/glue.py has no full experiment without a task: no "(or none ...)" hint.
+  with pytest.raises(ValueError, match=r"unknown config variant 'smok'; allowed: cola, sst2,") as e:
+    load_config("glue", "smok")
+  assert "\n" not in str(e.value) and "or none" not in str(e.value)
+  assert "sst2_smoke" in str(e.value)
+  with pytest.raises(ValueError, match=r"needs a task, e.g. :sst2"):
+    load_config("glue", None)
+  full, smoke = load_config("glue", "sst2"), load_config("glue", "sst2_smoke")
+  assert full.student.epochs >= smoke.student.epochs and full.data.name == "glue/sst2"
+
+
 def test_variant_helper():
   assert config_lib.variant(None) is None and config_lib.variant("") is None
   assert config_lib.variant("big", allowed=("smoke", "big")) == "big"
   with pytest.raises(ValueError, match="allowed: smoke, big"):
     config_lib.variant("huge", allowed=("smoke", "big"))
+  with pytest.raises(ValueError, match=r"this config needs a variant; allowed: a, b$"):
+    config_lib.variant(None, allowed=("a", "b"), required=True)
 
 
 # --------------------------------------------------------------------------

@@ -166,6 +166,16 @@ def run_one(args, noise: float, seed: int, label: str, teacher_init: str) -> dic
     prev = json.loads(record_path.read_text()) if record_path.exists() else {}
     rec.update(status="reused", wall_s=prev.get("wall_s"))
     print(f"[skip] {wd} has summary.json", flush=True)
+    # A workdir of an older default (e.g. before kdaif.score_memory) is not this arm.
+    stale = _kdaif_drift(wd, make_config(args, noise, seed, label, teacher_init))
+    if stale:
+      rec["config_drift"] = stale
+      print(
+        f"[warn] {wd} ran with other kdaif settings ({'; '.join(stale)}): "
+        "its numbers are not this label's under today's defaults; delete it "
+        "or use --workdirs to rerun",
+        flush=True,
+      )
   else:
     cfg = make_config(args, noise, seed, label, teacher_init)
     print(f"[run ] noise {noise:g} seed {seed} {label} -> {wd}", flush=True)
@@ -194,6 +204,20 @@ def run_one(args, noise: float, seed: int, label: str, teacher_init: str) -> dic
     flush=True,
   )
   return rec
+
+
+def _kdaif_drift(wd: pathlib.Path, cfg) -> list[str]:
+  """The ``kdaif`` options whose value in ``wd/config.json`` differs from ``cfg``'s."""
+  path = wd / "config.json"
+  if not path.exists():
+    return []
+  saved = json.loads(path.read_text()).get("kdaif", {})
+  now = cfg.kdaif.to_dict()
+  return [
+    f"kdaif.{k}: {saved.get(k, 'absent')!r} -> {v!r}"
+    for k, v in sorted(now.items())
+    if saved.get(k, "absent") != v
+  ]
 
 
 def _fmt(x, spec: str) -> str:

@@ -50,7 +50,6 @@ Writes bench/results/step_cost.json (or --out).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -170,27 +169,13 @@ def build_inputs(student: models.Model, teacher: models.Model, tx, seed: int = 0
   # A non-zero warm start, as after the first step (CG then starts from a residual
   # that is not the right-hand side; the cost is the same either way when unrolled).
   s0 = jax.tree.map(lambda p: 1e-3 * jax.random.normal(k_s0, p.shape, p.dtype), s_params)
-  known = dict(
-    step=jnp.zeros((), jnp.int32),
+  state = step_lib.new_train_state(
     key=jax.random.key_data(k_run),
     student=step_lib.NetState(s_params, s_ms, tx.init(s_params)),
     teacher=step_lib.NetState(t_params, t_ms, ()),
+    num_examples=BATCH,
     s=s0,
-    example_weights=jnp.ones((BATCH,), jnp.float32),
-    last_scores=jnp.zeros((BATCH,), jnp.float32),
-    last_weights=jnp.ones((BATCH,), jnp.float32),
-    solve_stats=jnp.zeros((3,), jnp.float32),
-    ema=s_params,
   )
-  # TrainState grows fields as the library evolves; fill the ones it has.
-  names = [f.name for f in dataclasses.fields(step_lib.TrainState)]
-  missing = [n for n in names if n not in known]
-  if missing:
-    raise RuntimeError(
-      f"bench/step_cost.py does not know TrainState field(s) {missing}; "
-      "add their initial values to build_inputs"
-    )
-  state = step_lib.TrainState(**{n: known[n] for n in names})
   rng = np.random.default_rng(seed)
   batch = {
     "images": jnp.asarray(rng.integers(0, 256, (BATCH, *IMAGE_SHAPE)), jnp.uint8),

@@ -19,7 +19,6 @@ The weights are random (the cost does not depend on them).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 
@@ -64,20 +63,12 @@ def build(student, teacher, tx, seed: int = 0):
   sample = jnp.zeros((1, 3, LENGTH), jnp.int32)
   s_params, s_ms = jax.jit(student.init)(k_s, sample)
   t_params, t_ms = jax.jit(teacher.init)(k_t, sample)
-  known = dict(
-    step=jnp.zeros((), jnp.int32),
+  state = step_lib.new_train_state(
     key=jax.random.key_data(k_run),
     student=step_lib.NetState(s_params, s_ms, tx.init(s_params)),
     teacher=step_lib.NetState(t_params, t_ms, tx.init(t_params)),
-    s=jax.tree.map(jnp.zeros_like, s_params),
-    example_weights=jnp.ones((BATCH,), jnp.float32),
-    last_scores=jnp.zeros((BATCH,), jnp.float32),
-    last_weights=jnp.ones((BATCH,), jnp.float32),
-    solve_stats=jnp.zeros((3,), jnp.float32),
-    ema=s_params,
+    num_examples=BATCH,
   )
-  names = [f.name for f in dataclasses.fields(step_lib.TrainState)]
-  state = step_lib.TrainState(**{n: known[n] for n in names if n in known})
   rng = np.random.default_rng(seed)
   batch = {
     "images": tokens(rng, BATCH),

@@ -74,6 +74,38 @@ class TrainState:
   score_visits: jax.Array | None = None
 
 
+def new_train_state(
+  *, key: jax.Array, student: NetState, teacher: NetState, num_examples: int, s: PyTree = None
+) -> TrainState:
+  """A run's state before its first step: the one place that fills every field.
+
+  Args:
+    key: raw PRNG key data of the run (``jax.random.key_data``).
+    student, teacher: the networks' initial ``NetState``s.
+    num_examples: N, the size of the scored training set (per-example vectors).
+    s: the initial direction (zeros like the student's params by default).
+
+  Returns:
+    ``TrainState`` at step 0: weights 1, scores and score memory 0, the EMA a
+    copy of the student's params (its own buffers: the steps donate both).
+  """
+  n = num_examples
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    key=key,
+    student=student,
+    teacher=teacher,
+    s=jax.tree.map(jnp.zeros_like, student.params) if s is None else s,
+    example_weights=jnp.ones((n,), jnp.float32),
+    last_scores=jnp.zeros((n,), jnp.float32),
+    last_weights=jnp.ones((n,), jnp.float32),
+    solve_stats=jnp.zeros((3,), jnp.float32),
+    ema=jax.tree.map(jnp.copy, student.params),
+    score_memory=jnp.zeros((n,), jnp.float32),
+    score_visits=jnp.zeros((n,), jnp.float32),
+  )
+
+
 def apply_update(net: NetState, tx: optax.GradientTransformation, grads, model_state) -> NetState:
   """One optax update of ``net`` with ``grads``; ``model_state`` replaces the old one."""
   updates, opt_state = tx.update(grads, net.opt_state, net.params)

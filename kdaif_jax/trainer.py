@@ -108,20 +108,11 @@ def _init_state(run: loop.Run, key: jax.Array) -> step_lib.TrainState:
   tx_s = optim.make_optimizer(
     cfg.student.optimizer, run.student_steps_per_epoch, cfg.student.epochs
   )
-  n = len(run.scored)
-  return step_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
+  return step_lib.new_train_state(
     key=jax.random.key_data(k_run),
     student=step_lib.NetState(s_params, s_ms, tx_s.init(s_params)),
     teacher=step_lib.NetState(t_params, t_ms, tx_t.init(t_params)),
-    s=jax.tree.map(jnp.zeros_like, s_params),
-    example_weights=jnp.ones((n,), jnp.float32),
-    last_scores=jnp.zeros((n,), jnp.float32),
-    last_weights=jnp.ones((n,), jnp.float32),
-    solve_stats=jnp.zeros((3,), jnp.float32),
-    ema=jax.tree.map(jnp.copy, s_params),  # its own buffers: the step donates both
-    score_memory=jnp.zeros((n,), jnp.float32),
-    score_visits=jnp.zeros((n,), jnp.float32),
+    num_examples=len(run.scored),
   )
 
 

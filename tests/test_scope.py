@@ -125,17 +125,11 @@ def test_head_scope_step_equals_restricted_batch_influence():
   tp, tms = teacher.init(keys[4], jnp.zeros((1, 4, 4, 1)))
   sp, sms = student.init(keys[5], jnp.zeros((1, 4, 4, 1)))
   tx = optax.sgd(0.1)
-  state = step_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
+  state = step_lib.new_train_state(
     key=jax.random.key_data(jax.random.key(1)),
     student=step_lib.NetState(sp, sms, tx.init(sp)),
     teacher=step_lib.NetState(tp, tms, tx.init(tp)),
-    s=jax.tree.map(jnp.zeros_like, sp),
-    example_weights=jnp.ones((16,)),
-    last_scores=jnp.zeros((16,)),
-    last_weights=jnp.ones((16,)),
-    solve_stats=jnp.zeros((3,)),
-    ema=sp,
+    num_examples=16,
   )
   cfg = config_lib.base_config()
   cfg.kdaif.scope = "head"

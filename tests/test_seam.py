@@ -59,17 +59,11 @@ def _problem(n=B, nv=V, key=0):
   tp, tms = teacher.init(k[4], sample)
   sp, sms = student.init(k[5], sample)
   tx = optax.sgd(0.1)
-  state = step_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
+  state = step_lib.new_train_state(
     key=jax.random.key_data(jax.random.key(1)),
     student=step_lib.NetState(sp, sms, tx.init(sp)),
     teacher=step_lib.NetState(tp, tms, tx.init(tp)),
-    s=jax.tree.map(jnp.zeros_like, sp),
-    example_weights=jnp.ones((n,)),
-    last_scores=jnp.zeros((n,)),
-    last_weights=jnp.ones((n,)),
-    solve_stats=jnp.zeros((3,)),
-    ema=sp,
+    num_examples=n,
   )
   batch = {"images": x, "labels": y, "noisy": jnp.zeros((n,), bool), "weights": jnp.ones((n,))}
   val = {"images": xv, "labels": yv}

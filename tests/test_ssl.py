@@ -76,17 +76,11 @@ def _ssl_setup(mechanism, **ssl_overrides):
   tp, tms = teacher.init(k[0], sample)
   sp, sms = student.init(k[1], sample)
   tx = optax.sgd(0.1)
-  state = step_lib.TrainState(
-    step=jnp.zeros((), jnp.int32),
+  state = step_lib.new_train_state(
     key=jax.random.key_data(k[2]),
     student=step_lib.NetState(sp, sms, tx.init(sp)),
     teacher=step_lib.NetState(tp, tms, tx.init(tp)),
-    s=jax.tree.map(jnp.zeros_like, sp),
-    example_weights=jnp.ones(8),
-    last_scores=jnp.zeros(8),
-    last_weights=jnp.ones(8),
-    solve_stats=jnp.zeros(3),
-    ema=jax.tree.map(jnp.copy, sp),
+    num_examples=8,
   )
   img = lambda kk, n: jax.random.randint(kk, (n, 4, 4, 1), 0, 256).astype(jnp.uint8)
   batch = {

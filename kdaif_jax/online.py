@@ -77,8 +77,9 @@ def remember(
   examples; the memory averages those views, as whole-set influence does at
   the cost of a scoring pass. Standardising by the batch's spread makes views
   taken at different stages of training comparable (the sigmoid map divides
-  by the spread anyway). A non-finite score leaves the memory unchanged and
-  stays non-finite in the output, so the weight map still gives it weight 0.
+  by the spread anyway). A non-finite score stays non-finite in the output,
+  so the weight map still gives it weight 0; the loop then keeps that
+  example's previous memory and visit count.
 
   Args:
     scores: [b] influence of this step (negative = helpful).

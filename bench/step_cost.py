@@ -159,7 +159,15 @@ def part_flops(student, teacher, state, batch, val, cfg) -> dict:
   return out
 
 
-def build_inputs(student: models.Model, teacher: models.Model, tx, seed: int = 0):
+def build_inputs(
+  student: models.Model,
+  teacher: models.Model,
+  tx,
+  seed: int = 0,
+  *,
+  batch_size: int = BATCH,
+  num_classes: int = NUM_CLASSES,
+):
   """A TrainState and one (batch, val) pair of random CIFAR-shaped data."""
   key = jax.random.key(seed)
   k_s, k_t, k_run, k_s0 = jax.random.split(key, 4)
@@ -173,19 +181,20 @@ def build_inputs(student: models.Model, teacher: models.Model, tx, seed: int = 0
     key=jax.random.key_data(k_run),
     student=step_lib.NetState(s_params, s_ms, tx.init(s_params)),
     teacher=step_lib.NetState(t_params, t_ms, ()),
-    num_examples=BATCH,
+    num_examples=batch_size,
     s=s0,
   )
   rng = np.random.default_rng(seed)
+  b = batch_size
   batch = {
-    "images": jnp.asarray(rng.integers(0, 256, (BATCH, *IMAGE_SHAPE)), jnp.uint8),
-    "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, BATCH), jnp.int32),
-    "noisy": jnp.asarray(rng.random(BATCH) < 0.2),
-    "weights": jnp.ones((BATCH,), jnp.float32),
+    "images": jnp.asarray(rng.integers(0, 256, (b, *IMAGE_SHAPE)), jnp.uint8),
+    "labels": jnp.asarray(rng.integers(0, num_classes, b), jnp.int32),
+    "noisy": jnp.asarray(rng.random(b) < 0.2),
+    "weights": jnp.ones((b,), jnp.float32),
   }
   val = {
     "images": jnp.asarray(rng.integers(0, 256, (VAL_BATCH, *IMAGE_SHAPE)), jnp.uint8),
-    "labels": jnp.asarray(rng.integers(0, NUM_CLASSES, VAL_BATCH), jnp.int32),
+    "labels": jnp.asarray(rng.integers(0, num_classes, VAL_BATCH), jnp.int32),
   }
   return state, batch, val
 
@@ -205,10 +214,20 @@ def _flops(compiled) -> float | None:
     return None
 
 
+def _memory_bytes(compiled) -> int | None:
+  """Device memory a compiled step needs: arguments + outputs + temporaries (XLA)."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - optional information, backend dependent
+    return None
+
+
 def measure(fn, args, repeats: int | None, label: str) -> dict:
   """Compile ahead, one untimed run, ``repeats`` timed runs; returns the record.
 
   ``repeats=None`` compiles only (compile time and XLA's FLOP count, no run).
+  ``memory_bytes``: XLA's static estimate of the compiled step's device memory.
   """
   t0 = time.perf_counter()
   lowered = jax.jit(fn).lower(*args)
@@ -221,6 +240,7 @@ def measure(fn, args, repeats: int | None, label: str) -> dict:
     "trace_s": round(trace_s, 3),
     "compile_s": round(compile_s, 3),
     "flops": _flops(compiled),
+    "memory_bytes": _memory_bytes(compiled),
   }
   gflop = f"{rec['flops'] / 1e9:7.1f} GFLOP" if rec["flops"] else "  ? GFLOP"
   if repeats is None:
@@ -248,21 +268,37 @@ def measure(fn, args, repeats: int | None, label: str) -> dict:
 
 
 def run_pair(
-  student_name: str, teacher_name: str, timed: list[str], untimed: list[str], repeats: int
+  student_name: str,
+  teacher_name: str,
+  timed: list[str],
+  untimed: list[str],
+  repeats: int,
+  *,
+  batch_size: int = BATCH,
+  num_classes: int = NUM_CLASSES,
+  dtype: str = "float32",
+  breakdown: bool = True,
 ) -> dict:
-  """Measures ``timed`` settings and compiles ``untimed`` ones (FLOPs only) for one pair."""
-  student = models.create(student_name, NUM_CLASSES)
-  teacher = models.create(teacher_name, NUM_CLASSES)
+  """Measures ``timed`` settings and compiles ``untimed`` ones (FLOPs only) for one pair.
+
+  ``dtype``: the networks' compute dtype (``config.dtype``; influence stays float32).
+  ``breakdown``: also compile the parts of the influence block (FLOPs only).
+  """
+  precision = {} if dtype == "float32" else {"dtype": dtype}
+  student = models.create(student_name, num_classes, **precision)
+  teacher = models.create(teacher_name, num_classes, **precision)
   base = config_lib.base_config()
   tx = optim.make_optimizer(base.student.optimizer, steps_per_epoch=390, epochs=240)
-  state, batch, val = build_inputs(student, teacher, tx)
+  state, batch, val = build_inputs(
+    student, teacher, tx, batch_size=batch_size, num_classes=num_classes
+  )
   counts = {
     "student": models.param_count(state.student.params),
     "teacher": models.param_count(state.teacher.params),
   }
   print(
     f"\n{student_name} ({counts['student']:,} params) <- {teacher_name} "
-    f"({counts['teacher']:,} params), batch {BATCH}, val batch {VAL_BATCH}",
+    f"({counts['teacher']:,} params), batch {batch_size}, val batch {VAL_BATCH}, {dtype}",
     flush=True,
   )
   res: dict[str, dict] = {}
@@ -286,16 +322,19 @@ def run_pair(
       axis_name=None,
     )
     res[name] = measure(fn, args, reps, name)
-  breakdown = {}
-  for name in ("default", "online_cg5"):
+  parts = {}
+  for name in ("default", "online_cg5") if breakdown else ():
     cfg, _ = setting_config(name)
-    breakdown[name] = part_flops(student, teacher, state, batch, val, cfg)
+    parts[name] = part_flops(student, teacher, state, batch, val, cfg)
   return {
     "student": student_name,
     "teacher": teacher_name,
+    "batch_size": batch_size,
+    "num_classes": num_classes,
+    "dtype": dtype,
     "param_counts": counts,
     "steps": res,
-    "breakdown": breakdown,
+    "breakdown": parts,
   }
 
 
@@ -443,8 +482,17 @@ def main():
     default=[],
     help="free-text note stored in the JSON (e.g. why settings were reduced)",
   )
+  ap.add_argument("--batch", type=int, default=BATCH, help=f"training batch (default {BATCH})")
+  ap.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="the networks' compute dtype (config.dtype); influence stays float32",
+  )
   ap.add_argument("--out", default=str(_common.RESULTS_DIR / "step_cost.json"))
   args = ap.parse_args()
+  if args.batch < 1:
+    ap.error("--batch must be >= 1")
   for name in args.untimed:
     if name not in ALL_SETTINGS:
       ap.error(f"--untimed {name}: unknown setting; known: {', '.join(ALL_SETTINGS)}")
@@ -466,14 +514,16 @@ def main():
   print(
     f"kdaif_jax step cost: jax {env['jax_version']}, {env['backend']} "
     f"({env['device_kind']}), {env['cpu_count']} CPUs, load average "
-    f"{env['load_average_1_5_15']}, batch {BATCH}, median of {repeats}",
+    f"{env['load_average_1_5_15']}, batch {args.batch}, {args.dtype}, median of {repeats}",
     flush=True,
   )
   t_start = time.perf_counter()
   results = []
   for spec, timed, untimed in plan:
     student_name, teacher_name = spec.split(":")
-    pair = run_pair(student_name, teacher_name, timed, untimed, repeats)
+    pair = run_pair(
+      student_name, teacher_name, timed, untimed, repeats, batch_size=args.batch, dtype=args.dtype
+    )
     default_teacher = dict(p.split(":") for p in DEFAULT_PAIRS).get(student_name)
     if default_teacher and teacher_name != default_teacher:
       pair["teacher_note"] = f"teacher {teacher_name} replaces the default {default_teacher}"
@@ -493,11 +543,11 @@ def main():
     "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     "command": " ".join(sys.argv),
     "quick": bool(args.quick),
-    "batch": BATCH,
+    "batch": args.batch,
     "val_batch": VAL_BATCH,
     "num_classes": NUM_CLASSES,
     "image_shape": list(IMAGE_SHAPE),
-    "dtype": "float32",
+    "dtype": args.dtype,
     "repeats": repeats,
     "timing": "jit(...).lower().compile(), 1 untimed run, median of `repeats` timed runs "
     "with block_until_ready; same inputs every call, nothing donated. "

@@ -110,16 +110,20 @@ def dtype_of(leaf: Any) -> Any:
 
 
 def check_float_tree(tree: Any, name: str) -> None:
-  """Raises ValueError unless every leaf of ``tree`` has a floating-point dtype.
+  """Raises ValueError unless every leaf of ``tree`` is float32 or float64.
 
-  Dtypes are static, so this also checks traced leaves (free under ``jit``).
+  The influence maths (curvature products, CG, LiSSA, scores) checks its inputs
+  here: half precision (bfloat16, float16) is refused, because CG's recurrences
+  lose conjugacy within a few iterations at 8 bits of mantissa. Dtypes are
+  static, so this also checks traced leaves (free under ``jit``).
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     dtype = dtype_of(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 32:
       raise ValueError(
         f"{name}{jax.tree_util.keystr(path)} has dtype {dtype}; "
-        "it must be floating point (e.g. float32), cast it first"
+        "influence needs float32 or float64 (half precision is not trustworthy in CG), "
+        "cast it first"
       )
 
 

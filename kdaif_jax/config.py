@@ -20,6 +20,7 @@ from kdaif_jax import data, influence, losses, models, optim, options, weights
 from kdaif_jax.options import MECHANISMS
 
 UNROLL = ("auto", "unroll", "loop")
+DTYPES = ("float32", "bfloat16")
 PROGRESS = ("auto", "bar", "log", "none")
 SSL_MECHANISMS = ("none", "online", "joint")
 SSL_TARGETS = ("soft", "hard", "fixmatch")
@@ -33,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.eval_batch_size = 256
   c.num_devices = 0  # 0: all visible devices
+  # Compute dtype of the networks' forward/backward passes; parameters, optimiser
+  # state and all influence maths (g_V, curvature products, CG, scores) stay float32.
+  c.dtype = "float32"
   c.multihost = False
   c.augment = ml_collections.ConfigDict(dict(pad=1, flip=False))
   c.teacher = ml_collections.ConfigDict(
@@ -290,6 +294,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, "batch_size", 1, integer=True)
   _number(cfg, "eval_batch_size", 1, integer=True)
   _number(cfg, "num_devices", 0, integer=True)
+  _choice(cfg, "dtype", DTYPES)
+  if text and cfg.dtype != "float32":
+    _fail("dtype", cfg.dtype, "float32 for text models (the BERT encoders compute in float32)")
   _number(cfg, "augment.pad", 0, integer=True)
   _number(cfg, "kd.temperature", 0, lo_open=True)
   _number(cfg, "kd.alpha", 0, 1)

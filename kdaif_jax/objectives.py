@@ -1,7 +1,8 @@
 """The model-bound losses the influence pipeline differentiates.
 
 Influence uses a network in inference mode (frozen batch statistics), so every
-example stays independent of the others in its batch (docs/method.md §1). The
+example stays independent of the others in its batch (docs/method.md §1), and in
+float32 whatever the run's compute dtype. The
 steps and the whole-set scorer build their losses here, once.
 """
 
@@ -21,7 +22,12 @@ __all__ = ["inference_logits", "training_loss", "validation_loss"]
 
 
 def inference_logits(model, model_state: PyTree, inputs: jax.Array) -> Callable[[PyTree], Any]:
-  """``params -> logits [B, K]`` of ``model`` in inference mode on ``inputs``."""
+  """``params -> logits [B, K]`` of ``model`` in inference mode on ``inputs``.
+
+  Always in float32 (``Model.in_float32``): a bfloat16 run's influence maths
+  (g_V, curvature products, CG, scores) does not inherit its compute dtype.
+  """
+  model = model.in_float32()
   return lambda params: model.apply(params, model_state, inputs, False)[0]
 
 

@@ -399,7 +399,11 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
     jax.default_backend(),
   )
 
-  net = lambda n: models.create(cfg[n].model, ds.num_classes, pretrained=cfg[n].get("pretrained"))
+  # Only the image models take a compute dtype (validate() keeps text at float32).
+  precision = {} if cfg.dtype == "float32" else {"dtype": cfg.dtype}
+  net = lambda n: models.create(
+    cfg[n].model, ds.num_classes, pretrained=cfg[n].get("pretrained"), **precision
+  )
   teacher, student = net("teacher"), net("student")
   writer = MetricsWriter(workdir)
   weak, strong = _make_augment(cfg)

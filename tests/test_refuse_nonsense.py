@@ -505,7 +505,7 @@ def test_integer_params_and_rhs_are_one_line_errors():
     lambda: influence.make_hvp(lambda q: jnp.sum(q["w"] ** 2), ip),
     lambda: influence.make_gnvp(lambda q: q["w"], jnp.sum, ip),
   ):
-    one_line_error(call, r"^params\['(b|w)'\] has dtype int32; it must be floating point")
+    one_line_error(call, r"^params\['(b|w)'\] has dtype int32; influence needs float32 or float64")
   one_line_error(lambda: influence.cg_solve(lambda u: u, jnp.arange(3)), r"^b has dtype int32")
   one_line_error(lambda: influence.lissa(lambda u: u, {"x": jnp.arange(3)}), r"^b\['x'\] has dtype")
   one_line_error(lambda: influence.inverse_hvp(None, jnp.arange(3), solver="identity"), "dtype")

@@ -98,6 +98,22 @@ class Model:
     return self.module.apply(variables, x, train=train), model_state
 
 
+  def in_float32(self) -> "Model":
+    """The same network computing in float32 (same params and collections).
+
+    Influence runs through it (``kdaif_jax.objectives``): a run with
+    ``config.dtype = "bfloat16"`` trains in bfloat16, but g_V, curvature products,
+    CG and scores stay float32, where CG's recurrences are trustworthy.
+
+    Returns:
+      ``self`` when it already computes in float32 (or has no compute dtype).
+    """
+    dtype = getattr(self.module, "dtype", None)
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+      return self
+    return dataclasses.replace(self, module=self.module.clone(dtype=jnp.dtype(jnp.float32)))
+
+
 def names() -> list[str]:
   """Return the registered image model names, sorted."""
   return sorted(_FACTORIES)

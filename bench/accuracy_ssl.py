@@ -31,6 +31,7 @@ Writes bench/results/accuracy_ssl.json (``--quick``: accuracy_ssl_quick.json;
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import pathlib
@@ -67,11 +68,32 @@ def make_config(args, seed: int, arm: str, teacher_init: str):
     cfg.ssl.targets = "fixmatch"
   if arm == "labelled_only":
     cfg.ssl.unlabelled_weight = 0.0
+  for key, value in _overrides(args.set):
+    node = cfg
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
   cfg.teacher.init = teacher_init
   cfg.progress = args.progress
   cfg.report = False
   config_lib.validate(cfg)
   return cfg
+
+
+def _overrides(items: list[str]) -> list[tuple[str, object]]:
+  """``KEY=VALUE`` pairs of ``--set``: VALUE a Python literal (1e-3, True, (1, 2)) or a string."""
+  out = []
+  for item in items:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise SystemExit(f"--set {item}: expected KEY=VALUE, e.g. student.optimizer.clip_norm=0")
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    out.append((key, value))
+  return out
 
 
 def run_one(args, seed: int, arm: str, teacher_init: str) -> dict:
@@ -119,6 +141,14 @@ def main():
   p.add_argument("--progress", default="log", choices=config_lib.PROGRESS)
   p.add_argument("--workdirs", default=str(ROOT / "bench" / "workdirs" / "accuracy_ssl"))
   p.add_argument("--out", default=None, help="JSON name under bench/results/")
+  p.add_argument(
+    "--set",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="config override for every arm (repeatable), e.g. --set student.model=cnn_small_bn; "
+    "use a separate --workdirs per recipe",
+  )
   args = p.parse_args()
   if args.quick:
     args.seeds, args.student_epochs = [0], args.student_epochs or 3

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from kdaif_jax.checkpoint_files import SEAL_FILE as SEAL_FILE
 from kdaif_jax.checkpoint_files import Invalid, check_seal, one_line, quiet_abandoned_reads, seal
@@ -62,8 +63,8 @@ def _fetchable(x: Any) -> Any:
   if isinstance(x, jax.Array):
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
-    if not x.is_fully_addressable:  # multi-host: the state is replicated, any copy will do
-      x = x.addressable_data(0)
+    if not x.is_fully_addressable:  # multi-host: any copy of a replicated leaf will do
+      x = x.addressable_data(0) if x.is_fully_replicated else multihost_utils.process_allgather(x)
   return x
 
 
@@ -216,6 +217,8 @@ class PhaseCheckpoints:
           step,
         )
       if problems:
+        if jax.process_count() > 1:  # process 0 moved them; the others wait for it
+          multihost_utils.sync_global_devices(f"kdaif_move_aside_{self.directory}_{step}")
         self._manager.reload()
       return state, record, step
     detail = "; ".join(f"step {s}: {why}" for s, why in problems)
@@ -317,10 +320,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
-def check_experiment(workdir: str, fingerprint: dict) -> None:
+def check_experiment(workdir: str, fingerprint: dict, write: bool = True) -> None:
   """Records ``fingerprint`` in the workdir, or checks it against the one there.
 
-  The trainer calls it before the first step, with the workdir locked.
+  The trainer calls it before the first step, with the workdir locked. In a
+  multi-process run every process checks and only process 0 writes (``write``):
+  the others read either no file or the same fingerprint, so all agree.
+
+  Args:
+    workdir: the run's folder.
+    fingerprint: the experiment's options (``trainer._fingerprint``).
+    write: whether to record it when the workdir has none yet.
 
   Raises:
     CheckpointMismatchError: the workdir was made by a run (finished, stopped or
@@ -348,6 +358,8 @@ def check_experiment(workdir: str, fingerprint: dict) -> None:
         f"--workdir={workdir} holds a different experiment ({shown}{more}); "
         "use a new --workdir or delete that one"
       )
+    return
+  if not write:
     return
   os.makedirs(workdir, exist_ok=True)
   tmp = f"{path}.tmp"

@@ -38,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
   # state and all influence maths (g_V, curvature products, CG, scores) stay float32.
   c.dtype = "float32"
   c.multihost = False
+  # With multihost: "" / 0 / -1 take JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  # JAX_PROCESS_ID, else JAX's detection (TPU pods, Slurm, Open MPI); README "Multi-host".
+  c.distributed = ml_collections.ConfigDict(
+    dict(coordinator_address="", num_processes=0, process_id=-1)
+  )
   c.augment = ml_collections.ConfigDict(dict(pad=1, flip=False))
   c.teacher = ml_collections.ConfigDict(
     dict(model="cnn_large", init="", epochs=15, optimizer=optim.default_optimizer_config(0.05))
@@ -66,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
       # weights 0.959 -> 0.983 (symmetric), 0.943 -> 0.984 (asymmetric).
       score_memory=0.8,
       refresh_every=1,
+      # online/joint: epochs of online KD-AIF that only build the score memory; the
+      # student then restarts from its initialisation with weighted first steps.
+      burn_in_epochs=0,
       unroll="auto",
       lissa_scale=10.0,
       val_batch_size=0,  # 0: the whole validation set every refresh
@@ -294,6 +302,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, "batch_size", 1, integer=True)
   _number(cfg, "eval_batch_size", 1, integer=True)
   _number(cfg, "num_devices", 0, integer=True)
+  _number(cfg, "distributed.num_processes", 0, integer=True)
+  _number(cfg, "distributed.process_id", -1, integer=True)
+  d = cfg.distributed
+  if d.coordinator_address and ":" not in d.coordinator_address:
+    _fail("distributed.coordinator_address", d.coordinator_address, "HOST:PORT, or '' (unset)")
+  if d.num_processes > 0 and d.process_id >= d.num_processes:
+    _fail("distributed.process_id", d.process_id, f"-1 or 0..{d.num_processes - 1}")
+  if not cfg.multihost and (d.coordinator_address or d.num_processes or d.process_id >= 0):
+    _fail("multihost", cfg.multihost, "True when config.distributed.* is set")
   _choice(cfg, "dtype", DTYPES)
   if text and cfg.dtype != "float32":
     _fail("dtype", cfg.dtype, "float32 for text models (the BERT encoders compute in float32)")
@@ -315,6 +332,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)
   _number(cfg, f"{k}.refresh_every", 1, integer=True)
+  _number(cfg, f"{k}.burn_in_epochs", 0, integer=True)
   _number(cfg, f"{k}.lissa_scale", 0, lo_open=True)
   _number(cfg, f"{k}.val_batch_size", 0, integer=True)
   _number(cfg, f"{k}.period_epochs", 1, integer=True)

@@ -29,9 +29,14 @@ class MetricsWriter:
 
   Lines carry ``phase``, ``step`` and ``kind`` ("train" or "eval"). A resumed
   run appends; readers keep the last line of each (phase, kind, step, split, net).
+  With ``enabled=False`` (the processes other than 0 of a multi-host run) it
+  opens and writes nothing.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, enabled: bool = True):
+    self._file = self._tb = None
+    if not enabled:
+      return
     os.makedirs(workdir, exist_ok=True)
     self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
     self._tb = None
@@ -42,6 +47,8 @@ class MetricsWriter:
 
   def write(self, record: dict) -> None:
     """Writes one record (scalars only are mirrored to TensorBoard)."""
+    if self._file is None:
+      return
     record = {k: _plain(v) for k, v in record.items()}
     record.setdefault("time", time.time())
     self._file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -53,7 +60,8 @@ class MetricsWriter:
 
   def close(self) -> None:
     """Flushes and closes both sinks."""
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
     if self._tb is not None:
       self._tb.close()
 

@@ -129,6 +129,7 @@ def evaluate(
   """Accuracy and mean CE of ``net`` on ``split`` (clean labels), chunked and sharded."""
   fn = _eval_fn(model, run.prepare, run.mesh)
   ndev = run.mesh.shape[parallel.AXIS]
+  run_sharded = parallel.sharded(run.mesh)
   size = max(ndev, run.cfg.eval_batch_size // ndev * ndev)
   n = len(split)
   tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
@@ -137,11 +138,12 @@ def evaluate(
     idx = np.arange(start, start + size)
     mask = idx < n
     idx = np.where(mask, idx, 0)
-    sums, lg = fn(net.params, net.model_state, split.images[idx], split.clean_labels[idx], mask)
+    chunk = parallel.place((split.images[idx], split.clean_labels[idx], mask), run_sharded)
+    sums, lg = fn(net.params, net.model_state, *chunk)
     for k, v in jax.device_get(sums).items():
       tot[k] += float(v)
     if return_logits:
-      logits.append(np.asarray(lg)[mask])
+      logits.append(parallel.to_host(lg)[mask])
   out = {
     "accuracy": tot["correct"] / max(tot["count"], 1.0),
     "loss": tot["loss"] / max(tot["count"], 1.0),
@@ -369,7 +371,7 @@ def run_phase(
           check(pending)
           pending = None
         state = on_epoch_start(state, epoch)
-      perm, perm_epoch = _epoch_perm(perm_key, epoch, n), epoch
+      perm, perm_epoch = parallel.replicate(_epoch_perm(perm_key, epoch, n), run.mesh), epoch
     fn = step_fns.refresh if step % step_fns.refresh_every == 0 else step_fns.stale
     state, metrics = fn(state, run.arrays, perm, i)
     if pending is not None:
@@ -414,6 +416,8 @@ def restore_or(
     ``(state, the phase's checkpoints, seconds the phase ran before)``.
   """
   ckpt = checkpoint.PhaseCheckpoints(run.workdir, phase)
+  # Restored leaves take the placement of ``state``'s: on the mesh (of every process).
+  state = parallel.replicate(state, run.mesh)
   # The newest step that reads, matches its checksum and is finite; newer ones
   # are logged and moved aside (CheckpointCorruptError when none passes).
   found = ckpt.restore_newest_valid(state, phase)

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from kdaif_jax import loop, metrics, models
+from kdaif_jax import loop, metrics, models, parallel
 from kdaif_jax import step as step_lib
 from kdaif_jax.logs import log
 from kdaif_jax.loop import PhaseTime
@@ -59,20 +59,23 @@ def finish(
   if mech.plain:
     infl, w = final_scores, np.ones_like(final_scores)
   elif mech.small_loss:  # its scores are losses, not influence
-    infl, w = final_scores, np.asarray(state.last_weights)
+    infl, w = final_scores, parallel.to_host(state.last_weights)
   else:
-    infl, w = np.asarray(state.last_scores), np.asarray(state.last_weights)
+    infl, w = parallel.to_host((state.last_scores, state.last_weights))
   self_infl = _self_influence(run, state, scorer, np.full_like(final_scores, np.nan))
-  _write_weights_csv(run, infl, w, final_scores, self_infl)
-  if ds.text is not None:
+  main = parallel.is_main_process()  # every process computes; process 0 writes the files
+  if main:
+    _write_weights_csv(run, infl, w, final_scores, self_infl)
+  if ds.text is not None and main:
     _add_text_column(run)
-  np.savez_compressed(
-    os.path.join(run.workdir, "predictions.npz"),
-    labels=ds.test.clean_labels,
-    ids=ds.test.ids,
-    teacher_logits=results[("teacher", "test")]["logits"],
-    student_logits=results[("student", "test")]["logits"],
-  )
+  if main:
+    np.savez_compressed(
+      os.path.join(run.workdir, "predictions.npz"),
+      labels=ds.test.clean_labels,
+      ids=ds.test.ids,
+      teacher_logits=results[("teacher", "test")]["logits"],
+      student_logits=results[("student", "test")]["logits"],
+    )
   final_seconds = time.time() - t0
   warnings = collapse_warnings(run, results)
   for message in warnings:
@@ -115,6 +118,7 @@ def finish(
     "steps_this_invocation": {k: t.steps for k, t in times.items()},
     "warnings": warnings,
     "device_count": run.mesh.size,
+    "process_count": jax.process_count(),
     "backend": jax.default_backend(),
     "device_kind": jax.devices()[0].device_kind,
     "jax_version": jax.__version__,
@@ -126,9 +130,10 @@ def finish(
       net: task_metrics(ds.text.task, results[(net, "test")]["logits"], ds.test.clean_labels)
       for net in ("teacher", "student")
     }
-  with open(os.path.join(run.workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, sort_keys=True)
-  if cfg.report and jax.process_index() == 0:
+  if main:
+    with open(os.path.join(run.workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1, sort_keys=True)
+  if cfg.report and main:
     try:
       from kdaif_jax import report  # matplotlib is only imported when a report is written
 

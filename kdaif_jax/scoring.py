@@ -113,7 +113,7 @@ def make_whole_set_scorer(
     for start in range(0, n, size):
       ids = np.arange(start, start + size) % n  # wrap the last chunk; extras are dropped
       batch = {"images": arrays["train_images"][ids], "labels": arrays["train_labels"][ids]}
-      vals = np.asarray(chunk_fn(state, s, batch))
+      vals = parallel.to_host(chunk_fn(state, s, batch))
       stop = min(start + size, n)
       out[start:stop] = vals[: stop - start]
     return out, jax.device_get(info)
@@ -169,7 +169,7 @@ def make_self_influence_scorer(
     size = max(1, opts.chunk_size)
     for start in range(0, n, size):
       ids = np.arange(start, start + size) % n  # wrap the last chunk: one compiled shape
-      vals = np.asarray(
+      vals = parallel.to_host(
         chunk(state, chol, arrays["train_images"][ids], arrays["train_labels"][ids])
       )
       stop = min(start + size, n)

@@ -46,6 +46,7 @@ def _fingerprint(cfg: ml_collections.ConfigDict) -> dict:
     "checkpoint_every_steps",
     "num_devices",
     "multihost",
+    "distributed",
     "eval_batch_size",
   ):
     d.pop(transient, None)
@@ -83,6 +84,8 @@ def _make_augment(cfg):
 
 
 def _device_arrays(ds: data.Dataset, mesh) -> dict:
+  """The splits, whole on every device of every process (each loads the whole small
+  dataset): a step gathers its batch in jit and each device keeps its own slice."""
   arrays = {
     "train_images": ds.train.images,
     "train_labels": ds.train.labels,
@@ -245,6 +248,8 @@ def _student_phase(
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
+  if mech.online and cfg.kdaif.burn_in_epochs > 0:
+    state, times["burn_in"] = _burn_in_phase(run, state, fresh_student)
   state, ckpt, elapsed = loop.restore_or(run, "student", state)
   on_epoch = None
   if mech.rescores:
@@ -269,6 +274,37 @@ def _student_phase(
   if run.semi_supervised and cfg.ssl.finetune_epochs > 0:
     state, times["finetune"] = _finetune_phase(run, state)
   return state, times
+
+
+def _burn_in_phase(run: loop.Run, state: step_lib.TrainState, fresh_student):
+  """``kdaif.burn_in_epochs`` of online KD-AIF whose student is then thrown away.
+
+  The epochs only build every example's score memory (and last scores); the
+  student phase then restarts from the initial student (and a zero direction),
+  so its first steps are already weighted, instead of learning the flipped
+  labels before any example has a memory (BENCHMARKS.md §3c).
+  """
+  k = run.cfg.kdaif.burn_in_epochs
+  burn, ckpt, elapsed = loop.restore_or(run, "burn_in", state)
+  burn, t = loop.run_phase(
+    run,
+    "burn_in",
+    burn,
+    epochs=k,
+    step_fns=_kd_fns(run, run.mechanism, k),
+    ckpt=ckpt,
+    eval_nets=("student",),
+    elapsed=elapsed,
+    student_data=True,
+  )
+  ckpt.close()
+  # The burn-in's buffers were donated step by step; continue from its output.
+  burn = burn.replace(
+    student=fresh_student,
+    step=jnp.zeros((), jnp.int32),
+    s=jax.tree.map(jnp.zeros_like, burn.s),
+  )
+  return parallel.replicate(burn, run.mesh), t
 
 
 def _finetune_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Any]:
@@ -297,9 +333,10 @@ def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
     phase: "teacher" or "student": which network of the checkpointed state.
     like: a ``NetState`` with the expected shapes.
   """
-  folder = os.path.join(path, "checkpoints", "teacher")
+  # Orbax reads absolute paths only; a relative one is the user's working directory.
+  folder = os.path.abspath(os.path.join(path, "checkpoints", "teacher"))
   if not os.path.isdir(folder):
-    folder = path
+    folder = os.path.abspath(path)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"config.teacher.init={path!r}: no checkpoint folder found")
   try:
@@ -334,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_start = time.time()
   cfg = config
   config_lib.validate(cfg)
-  parallel.maybe_initialize_distributed(cfg.multihost)
+  parallel.maybe_initialize_distributed(cfg.multihost, cfg.distributed)
   mesh = parallel.make_mesh(cfg.num_devices or None)
   parallel.check_batch_size(cfg.batch_size, mesh)
   parallel.check_batch_size(cfg.eval_batch_size, mesh, "eval_batch_size")
@@ -342,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     # Before anything else is written: a workdir of another experiment is refused
     # even when the run that made it stopped before its first checkpoint.
-    checkpoint.check_experiment(workdir, _fingerprint(cfg))
+    checkpoint.check_experiment(workdir, _fingerprint(cfg), write=parallel.is_main_process())
     return _train(cfg, workdir, mesh, t_start)
   finally:
     if lock is not None:
@@ -384,11 +421,12 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
       f"config.batch_size={cfg.batch_size} exceeds the {len(ds.train)} "
       "training examples; allowed: <= the training-set size"
     )
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
-  data.save_split_ids(ds, os.path.join(workdir, "splits.json"))
+  if parallel.is_main_process():  # the workdir's files: process 0 writes them
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=1, sort_keys=True, default=str)
+    data.save_split_ids(ds, os.path.join(workdir, "splits.json"))
   log.info(
-    "data: %s, %d train / %d val / %d test, %d classes, %d noisy; %d device(s) (%s)",
+    "data: %s, %d train / %d val / %d test, %d classes, %d noisy; %d %s devices, process %d of %d",
     ds.name,
     len(ds.train),
     len(ds.val),
@@ -397,6 +435,8 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
     int(ds.train.noisy.sum()),
     mesh.size,
     jax.default_backend(),
+    jax.process_index(),
+    jax.process_count(),
   )
 
   # Only the image models take a compute dtype (validate() keeps text at float32).
@@ -405,7 +445,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
     cfg[n].model, ds.num_classes, pretrained=cfg[n].get("pretrained"), **precision
   )
   teacher, student = net("teacher"), net("student")
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, enabled=parallel.is_main_process())
   weak, strong = _make_augment(cfg)
   run = loop.Run(
     cfg=cfg,

@@ -33,6 +33,7 @@ import pytest
 
 from kdaif_jax import checkpoint, divergence, results, trainer
 from kdaif_jax import config as config_lib
+from kdaif_jax import step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "--config=configs/default.py:smoke"
@@ -410,6 +411,16 @@ def test_teacher_init_reader_skips_a_non_finite_checkpoint(tmp_path):
   folder = _saved(tmp_path, {4: net(1.0), 8: net(jnp.nan)})
   params, _, step = checkpoint.restore_net_arrays(folder, "teacher")
   assert step == 4 and np.all(params["w"] == 1.0)
+
+
+def test_teacher_init_takes_a_relative_path(tmp_path, monkeypatch):
+  # Orbax refuses relative paths; --config.teacher.init=workdirs/x is how users write it.
+  net = {"teacher": {"params": {"w": jnp.full((3, 2), 2.0, jnp.float32)}}}
+  folder = _saved(tmp_path / "run", {4: net})
+  monkeypatch.chdir(tmp_path)
+  like = step_lib.NetState({"w": jnp.zeros((3, 2))}, {}, ())
+  params, _ = trainer.load_net(os.path.relpath(folder, tmp_path), "teacher", like)
+  assert np.all(params["w"] == 2.0)
 
 
 def test_state_digest_is_exact_and_sees_every_bit():

@@ -143,5 +143,7 @@ def test_half_precision_solver_inputs_are_refused(dtype):
 def test_dtype_option_is_checked_before_any_work():
   cfg = config_lib.base_config()
   cfg.dtype = "float16"
-  with pytest.raises(ValueError, match=r"^config.dtype='float16' is invalid; allowed: float32, bfloat16"):
+  with pytest.raises(
+    ValueError, match=r"^config.dtype='float16' is invalid; allowed: float32, bfloat16"
+  ):
     config_lib.validate(cfg)

@@ -114,5 +114,8 @@ class MLP(nn.Module):
 MODELS: dict[str, Callable[..., nn.Module]] = {
   "cnn_small": functools.partial(CNN, widths=(16, 32)),
   "cnn_large": functools.partial(CNN, widths=(48, 96)),
+  # With BatchNorm after every conv (stable on strongly augmented views, issue 11).
+  "cnn_small_bn": functools.partial(CNN, widths=(16, 32), batch_norm=True),
+  "cnn_large_bn": functools.partial(CNN, widths=(48, 96), batch_norm=True),
   "mlp": MLP,
 }

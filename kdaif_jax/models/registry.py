@@ -97,8 +97,7 @@ class Model:
       return logits, dict(new_state)
     return self.module.apply(variables, x, train=train), model_state
 
-
-  def in_float32(self) -> "Model":
+  def in_float32(self) -> Model:
     """The same network computing in float32 (same params and collections).
 
     Influence runs through it (``kdaif_jax.objectives``): a run with

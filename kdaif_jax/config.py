@@ -71,9 +71,6 @@ def base_config() -> ml_collections.ConfigDict:
       # weights 0.959 -> 0.983 (symmetric), 0.943 -> 0.984 (asymmetric).
       score_memory=0.8,
       refresh_every=1,
-      # online/joint: epochs of online KD-AIF that only build the score memory; the
-      # student then restarts from its initialisation with weighted first steps.
-      burn_in_epochs=0,
       unroll="auto",
       lissa_scale=10.0,
       val_batch_size=0,  # 0: the whole validation set every refresh
@@ -332,7 +329,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)
   _number(cfg, f"{k}.refresh_every", 1, integer=True)
-  _number(cfg, f"{k}.burn_in_epochs", 0, integer=True)
   _number(cfg, f"{k}.lissa_scale", 0, lo_open=True)
   _number(cfg, f"{k}.val_batch_size", 0, integer=True)
   _number(cfg, f"{k}.period_epochs", 1, integer=True)

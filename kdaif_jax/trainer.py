@@ -248,8 +248,6 @@ def _student_phase(
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
-  if mech.online and cfg.kdaif.burn_in_epochs > 0:
-    state, times["burn_in"] = _burn_in_phase(run, state, fresh_student)
   state, ckpt, elapsed = loop.restore_or(run, "student", state)
   on_epoch = None
   if mech.rescores:
@@ -274,37 +272,6 @@ def _student_phase(
   if run.semi_supervised and cfg.ssl.finetune_epochs > 0:
     state, times["finetune"] = _finetune_phase(run, state)
   return state, times
-
-
-def _burn_in_phase(run: loop.Run, state: step_lib.TrainState, fresh_student):
-  """``kdaif.burn_in_epochs`` of online KD-AIF whose student is then thrown away.
-
-  The epochs only build every example's score memory (and last scores); the
-  student phase then restarts from the initial student (and a zero direction),
-  so its first steps are already weighted, instead of learning the flipped
-  labels before any example has a memory (BENCHMARKS.md §3c).
-  """
-  k = run.cfg.kdaif.burn_in_epochs
-  burn, ckpt, elapsed = loop.restore_or(run, "burn_in", state)
-  burn, t = loop.run_phase(
-    run,
-    "burn_in",
-    burn,
-    epochs=k,
-    step_fns=_kd_fns(run, run.mechanism, k),
-    ckpt=ckpt,
-    eval_nets=("student",),
-    elapsed=elapsed,
-    student_data=True,
-  )
-  ckpt.close()
-  # The burn-in's buffers were donated step by step; continue from its output.
-  burn = burn.replace(
-    student=fresh_student,
-    step=jnp.zeros((), jnp.int32),
-    s=jax.tree.map(jnp.zeros_like, burn.s),
-  )
-  return parallel.replicate(burn, run.mesh), t
 
 
 def _finetune_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Any]:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -278,26 +277,3 @@ def test_eight_devices_match_one(tmp_path):
   np.testing.assert_allclose(eight["w_std"], one["w_std"], rtol=2e-3, atol=1e-4)
   np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=2e-4)
   assert "batch_size=36" in out["bad"] and "device count (8)" in out["bad"]
-
-
-def test_burn_in_builds_the_memory_then_restarts_the_student(tmp_path, monkeypatch):
-  cfg = tiny(load_config("digits_noisy"), "online")
-  cfg.kdaif.burn_in_epochs = 1
-  entered = {}
-  real = trainer.loop.run_phase
-
-  def spy(run, phase, state, **kw):
-    entered[phase] = jax.device_get((state.student.params, state.score_visits, state.s))
-    return real(run, phase, state, **kw)
-
-  monkeypatch.setattr(trainer.loop, "run_phase", spy)
-  trainer.train_and_evaluate(cfg, str(tmp_path))
-  assert list(entered) == ["teacher", "burn_in", "student"]
-  (p0, visits0, _), (p1, visits1, s1) = entered["burn_in"], entered["student"]
-  # The student phase starts from the burn-in's initial student, with a zero direction...
-  jax.tree.map(np.testing.assert_array_equal, p1, p0)
-  assert all(not np.any(leaf) for leaf in jax.tree.leaves(s1))
-  # ...and with every example already scored once (its score memory built).
-  assert not np.any(visits0) and np.all(visits1 >= 1)
-  lines = read_jsonl(tmp_path / "metrics.jsonl")
-  assert any(r["phase"] == "burn_in" for r in lines if r["kind"] == "train")

@@ -126,13 +126,20 @@ def evaluate(
   split: data.Split,
   return_logits: bool = False,
 ) -> dict:
-  """Accuracy and mean CE of ``net`` on ``split`` (clean labels), chunked and sharded."""
+  """Accuracy and mean CE of ``net`` on ``split`` (clean labels), chunked and sharded.
+
+  Text (GLUE) splits also get the task's official metrics (``text.metrics``), on
+  every evaluation; a regression task (stsb) has no accuracy (None) and its loss
+  is the squared error.
+  """
   fn = _eval_fn(model, run.prepare, run.mesh)
   ndev = run.mesh.shape[parallel.AXIS]
   run_sharded = parallel.sharded(run.mesh)
   size = max(ndev, run.cfg.eval_batch_size // ndev * ndev)
   n = len(split)
   tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+  text = run.ds.text
+  keep_logits = return_logits or text is not None
   logits = []
   for start in range(0, n, size):
     idx = np.arange(start, start + size)
@@ -142,14 +149,21 @@ def evaluate(
     sums, lg = fn(net.params, net.model_state, *chunk)
     for k, v in jax.device_get(sums).items():
       tot[k] += float(v)
-    if return_logits:
+    if keep_logits:
       logits.append(parallel.to_host(lg)[mask])
   out = {
     "accuracy": tot["correct"] / max(tot["count"], 1.0),
     "loss": tot["loss"] / max(tot["count"], 1.0),
   }
+  all_logits = np.concatenate(logits) if logits else np.zeros((0, model.num_classes))
+  if text is not None:
+    from kdaif_jax.text.metrics import task_metrics
+
+    out.update(task_metrics(text.task, all_logits, split.clean_labels))
+    if text.regression:
+      out["accuracy"] = None
   if return_logits:
-    out["logits"] = np.concatenate(logits) if logits else np.zeros((0, model.num_classes))
+    out["logits"] = all_logits
   return out
 
 

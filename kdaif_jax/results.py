@@ -124,10 +124,10 @@ def finish(
     "jax_version": jax.__version__,
   }
   if ds.text is not None:  # GLUE: the task's official metrics on its test (dev) split
-    from kdaif_jax.text.metrics import task_metrics
+    from kdaif_jax.text.metrics import TASK_METRICS
 
     summary["task_metrics"] = {
-      net: task_metrics(ds.text.task, results[(net, "test")]["logits"], ds.test.clean_labels)
+      net: {k: results[(net, "test")][k] for k in TASK_METRICS[ds.text.task]}
       for net in ("teacher", "student")
     }
   if main:
@@ -141,12 +141,18 @@ def finish(
       log.info("report: %s", out["report_md"])
     except Exception as e:  # noqa: BLE001 - a report problem must not lose a finished run
       log.warning("report could not be written: %s", e)
+  # GLUE: the task's headline metric (stsb has no accuracy); images: accuracy.
+  tm = summary.get("task_metrics")
+  name = next(iter(tm["student"])) if tm else "acc"
+  head = lambda net: tm[net][name] if tm else summary[net]["test_accuracy"]
   log.info(
-    "done: teacher %s test acc %.4f | student %s test acc %.4f (%s)",
+    "done: teacher %s test %s %.4f | student %s test %s %.4f (%s)",
     cfg.teacher.model,
-    summary["teacher"]["test_accuracy"],
+    name,
+    head("teacher"),
     cfg.student.model,
-    summary["student"]["test_accuracy"],
+    name,
+    head("student"),
     mech.name,
   )
   return summary

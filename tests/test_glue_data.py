@@ -144,6 +144,13 @@ def test_glue_smoke_runs(mock_glue, tmp_path, task, metric):
   lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   student = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
   assert np.isfinite(student[-1]["loss"]) and "cg_residual" in student[-1]
+  # Every evaluation logs the task's official metric; stsb has no accuracy.
+  evals = [r for r in lines if r["kind"] == "eval" and r["phase"] == "student"]
+  assert evals and all(metric in r for r in evals)
+  assert all((r["accuracy"] is None) == (task == "stsb") for r in evals)
+  assert (summary["student"]["test_accuracy"] is None) == (task == "stsb")
+  final = summary["task_metrics"]["student"][metric]
+  assert evals[-1][metric] == final or (np.isnan(final) and np.isnan(evals[-1][metric]))
   if cfg.report:
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| group | id | text |" in report and " [SEP] " in report

@@ -1,5 +1,5 @@
 """The step loop shared by every phase: the run context, sharded outer steps,
-evaluation, checkpointed epochs with logs and progress.
+checkpointed epochs with logs, progress and evaluations (``evaluation``).
 
 ``trainer`` builds a ``Run`` once and drives the phases through ``run_phase``.
 The outer steps gather the batch from device-resident arrays, draw the
@@ -10,7 +10,6 @@ augmented views for the GLOBAL batch, and call the per-device step under
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import zlib
 from typing import Any
@@ -18,15 +17,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from kdaif_jax import checkpoint, data, models, parallel
+from kdaif_jax import checkpoint, data, evaluation, models, parallel
 from kdaif_jax import step as step_lib
 from kdaif_jax.divergence import diverged_error, divergence, watched
 from kdaif_jax.logs import MetricsWriter, Progress, log
 from kdaif_jax.options import Mechanism
 from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.rng import StepStream, step_key
+from kdaif_jax.text import tokenize
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -107,90 +106,6 @@ class PhaseTime:
 
 
 # --------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------
-
-
-@functools.cache
-def _eval_fn(model: models.Model, prepare, mesh):
-  fn = step_lib.make_eval_step(model, prepare)
-  return jax.jit(
-    parallel.shard_map(fn, mesh, (REPLICATED, REPLICATED, BATCH, BATCH, BATCH), (REPLICATED, BATCH))
-  )
-
-
-def evaluate(
-  run: Run,
-  model: models.Model,
-  net: step_lib.NetState,
-  split: data.Split,
-  return_logits: bool = False,
-) -> dict:
-  """Accuracy and mean CE of ``net`` on ``split`` (clean labels), chunked and sharded.
-
-  Text (GLUE) splits also get the task's official metrics (``text.metrics``), on
-  every evaluation; a regression task (stsb) has no accuracy (None) and its loss
-  is the squared error.
-  """
-  fn = _eval_fn(model, run.prepare, run.mesh)
-  ndev = run.mesh.shape[parallel.AXIS]
-  run_sharded = parallel.sharded(run.mesh)
-  size = max(ndev, run.cfg.eval_batch_size // ndev * ndev)
-  n = len(split)
-  tot = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-  text = run.ds.text
-  keep_logits = return_logits or text is not None
-  logits = []
-  for start in range(0, n, size):
-    idx = np.arange(start, start + size)
-    mask = idx < n
-    idx = np.where(mask, idx, 0)
-    chunk = parallel.place((split.images[idx], split.clean_labels[idx], mask), run_sharded)
-    sums, lg = fn(net.params, net.model_state, *chunk)
-    for k, v in jax.device_get(sums).items():
-      tot[k] += float(v)
-    if keep_logits:
-      logits.append(parallel.to_host(lg)[mask])
-  out = {
-    "accuracy": tot["correct"] / max(tot["count"], 1.0),
-    "loss": tot["loss"] / max(tot["count"], 1.0),
-  }
-  all_logits = np.concatenate(logits) if logits else np.zeros((0, model.num_classes))
-  if text is not None:
-    from kdaif_jax.text.metrics import task_metrics
-
-    out.update(task_metrics(text.task, all_logits, split.clean_labels))
-    if text.regression:
-      out["accuracy"] = None
-  if return_logits:
-    out["logits"] = all_logits
-  return out
-
-
-def eval_and_log(
-  run: Run, state: step_lib.TrainState, phase: str, epoch: int, nets: tuple[str, ...]
-) -> dict:
-  results = {}
-  for name in nets:
-    model = run.teacher if name == "teacher" else run.student
-    for split_name in ("val", "test"):
-      r = evaluate(run, model, eval_net(run, state, name), getattr(run.ds, split_name))
-      results[(name, split_name)] = r
-      run.writer.write(
-        {
-          "kind": "eval",
-          "phase": phase,
-          "net": name,
-          "split": split_name,
-          "step": int(state.step),
-          "epoch": epoch,
-          **r,
-        }
-      )
-  return results
-
-
-# --------------------------------------------------------------------------
 # Phases
 # --------------------------------------------------------------------------
 
@@ -247,9 +162,12 @@ def sharded_train_fn(run: Run, per_device, with_val: bool):
     sm = parallel.shard_map(per_device, run.mesh, (REPLICATED, BATCH), (REPLICATED, REPLICATED))
   val_batch = _val_sampler(run)
 
-  def outer(state, arrays, perm, i):
+  def outer(state, arrays, perm, i, length=None):
     idx = jax.lax.dynamic_slice_in_dim(perm, i * bsz, bsz)
-    images = run.weak(step_key(state, StepStream.TRAIN_VIEW), arrays["train_images"][idx])
+    images = arrays["train_images"][idx]
+    if length is not None:  # text: the batch's own length bucket (trailing padding cut)
+      images = images[..., :length]
+    images = run.weak(step_key(state, StepStream.TRAIN_VIEW), images)
     batch = {
       "images": images,
       "labels": arrays["train_labels"][idx],
@@ -261,7 +179,7 @@ def sharded_train_fn(run: Run, per_device, with_val: bool):
     state, metrics, out = sm(state, _with_memory(state, batch, idx), val_batch(state, arrays))
     return _record(run.mechanism, state, idx, out), metrics
 
-  return jax.jit(outer, donate_argnums=(0,))
+  return jax.jit(outer, donate_argnums=(0,), static_argnames=("length",))
 
 
 def sharded_ssl_fn(run: Run, per_device):
@@ -305,14 +223,6 @@ def scored_arrays(run: Run) -> dict:
     "train_images": run.arrays["unl_images"],
     "train_labels": run.arrays["unl_labels"],
   }
-
-
-def eval_net(run: Run, state: step_lib.TrainState, name: str) -> step_lib.NetState:
-  """The network evaluated as ``name``: the student's EMA params when ``ssl.ema`` > 0."""
-  net = getattr(state, name)
-  if name == "student" and run.semi_supervised and run.cfg.ssl.ema > 0:
-    net = net.replace(params=state.ema)
-  return net
 
 
 def _epoch_perm(key: jax.Array, epoch: int, n: int) -> jax.Array:
@@ -363,6 +273,15 @@ def run_phase(
   progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
   t0 = time.time()
   perm, perm_epoch = None, -1
+  # Text (supervised GLUE): each batch runs at its own length bucket, so a batch of
+  # short sentences costs a short sequence; jit compiles one step per bucket used.
+  bucketed = (
+    run.ds.text is not None
+    and not run.semi_supervised
+    and bool(data.glue.text_option(cfg.data, "bucket_batches"))
+  )
+  lengths = tokenize.token_lengths(run.ds.train.images) if bucketed else None
+  padded = run.ds.train.images.shape[-1]
   step = start
   # The divergence guard reads the watched metrics of every step one step late
   # (while the next one runs, so the host never waits for the device) and at
@@ -386,8 +305,13 @@ def run_phase(
           pending = None
         state = on_epoch_start(state, epoch)
       perm, perm_epoch = parallel.replicate(_epoch_perm(perm_key, epoch, n), run.mesh), epoch
+      host_perm = parallel.to_host(perm) if bucketed else None
     fn = step_fns.refresh if step % step_fns.refresh_every == 0 else step_fns.stale
-    state, metrics = fn(state, run.arrays, perm, i)
+    kw = {}
+    if bucketed:
+      b = cfg.batch_size
+      kw["length"] = tokenize.batch_length(lengths, host_perm[i * b : (i + 1) * b], padded)
+    state, metrics = fn(state, run.arrays, perm, i, **kw)
     if pending is not None:
       check(pending)
     step += 1
@@ -403,7 +327,7 @@ def run_phase(
     else:
       progress.update(step)
     if step % spe == 0 and ((step // spe) % cfg.eval_every_epochs == 0 or step == total):
-      eval_and_log(run, state, phase, step // spe, eval_nets)
+      evaluation.eval_and_log(run, state, phase, step // spe, eval_nets)
     if step % cfg.checkpoint_every_steps == 0 or step == total:
       if pending is not None:
         check(pending)

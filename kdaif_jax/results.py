@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from kdaif_jax import loop, metrics, models, parallel
+from kdaif_jax import evaluation, loop, metrics, models, parallel
 from kdaif_jax import step as step_lib
 from kdaif_jax.logs import log
 from kdaif_jax.loop import PhaseTime
@@ -47,9 +47,9 @@ def finish(
   t0 = time.time()
   results = {}
   for name, model in (("teacher", run.teacher), ("student", run.student)):
-    net = loop.eval_net(run, state, name)
+    net = evaluation.eval_net(run, state, name)
     for split in ("val", "test"):
-      results[(name, split)] = loop.evaluate(
+      results[(name, split)] = evaluation.evaluate(
         run, model, net, getattr(ds, split), return_logits=(split == "test")
       )
   final_scores, _ = scorer(

@@ -154,3 +154,36 @@ def test_glue_smoke_runs(mock_glue, tmp_path, task, metric):
   if cfg.report:
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| group | id | text |" in report and " [SEP] " in report
+
+
+def test_batches_run_at_their_own_length_bucket(mock_glue, tmp_path, monkeypatch):
+  """Cutting each batch's trailing padding changes no number (masked tokens are inert)."""
+  from kdaif_jax.text import tokenize
+
+  # Finer buckets than the real ones, so that sst2's mock sentences (7-14 tokens,
+  # padded to 16) fall into two of them.
+  monkeypatch.setattr(tokenize, "LENGTH_BUCKETS", (4, 8, 12, 16, 32, 64, 128, 256, 512))
+  used = []
+  real = tokenize.batch_length
+  monkeypatch.setattr(
+    tokenize, "batch_length", lambda *a: used.append(real(*a)) or used[-1], raising=True
+  )
+  out = {}
+  for bucketed in (True, False):
+    cfg = glue_config("sst2_smoke")
+    cfg.batch_size, cfg.teacher.epochs, cfg.student.epochs = 4, 1, 1
+    cfg.data.text.bucket_batches = bucketed
+    used.clear()
+    with mock_glue():
+      trainer.train_and_evaluate(cfg, str(tmp_path / str(bucketed)))
+    text = (tmp_path / str(bucketed) / "metrics.jsonl").read_text()
+    lines = [json.loads(s) for s in text.splitlines()]
+    out[bucketed] = (
+      [r["loss"] for r in lines if r["kind"] == "train"],
+      [r["loss"] for r in lines if r["kind"] == "eval"],
+      sorted(set(used)),
+    )
+  (train_b, eval_b, lengths_b), (train_p, eval_p, _) = out[True], out[False]
+  assert {12, 16} <= set(lengths_b)  # batches ran at more than one length
+  np.testing.assert_allclose(train_b, train_p, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(eval_b, eval_p, rtol=1e-4, atol=1e-6)

@@ -57,7 +57,11 @@ _STREAM_TEXT_VAL, _STREAM_TEXT_TRAIN = 20, 21
 
 def text_config() -> ml_collections.ConfigDict:
   """The ``data.text`` section with its defaults (GLUE configs add it)."""
-  return ml_collections.ConfigDict(dict(max_length=128, tokenizer="minilm", vocab_size=8000))
+  # bucket_batches: each training batch runs at the smallest length bucket that
+  # holds its longest sentence (False: every batch at the padded length L).
+  return ml_collections.ConfigDict(
+    dict(max_length=128, tokenizer="minilm", vocab_size=8000, bucket_batches=True)
+  )
 
 
 def task_of(name: str) -> str:
@@ -90,6 +94,8 @@ def validate_text(config: Any) -> None:
   # A trained tokenizer's ids index the models' 30,522-row embedding table.
   if isinstance(v, bool) or not isinstance(v, int) or not 100 <= v <= 30_522:
     _fail("text.vocab_size", v, "an integer in [100, 30522]")
+  if not isinstance(text_option(config, "bucket_batches"), bool):
+    _fail("text.bucket_batches", text_option(config, "bucket_batches"), "True or False")
   if not isinstance(text_option(config, "tokenizer"), str):
     _fail("text.tokenizer", text_option(config, "tokenizer"), "'minilm', a directory, or ''")
   if _get(config, "num_labelled"):

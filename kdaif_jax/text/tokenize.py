@@ -100,6 +100,25 @@ def bucket_length(longest: int, max_length: int) -> int:
   return max_length
 
 
+def token_lengths(images: np.ndarray) -> np.ndarray:
+  """[N] real tokens of each packed example [N, 3, L] (the sum of its attention mask)."""
+  return np.asarray(images)[:, 2, :].sum(axis=-1)
+
+
+def batch_length(lengths: np.ndarray, idx: np.ndarray, padded: int) -> int:
+  """The padded length of one batch: ``bucket_length`` of its longest example.
+
+  Args:
+    lengths: [N] ``token_lengths`` of the split.
+    idx: the batch's example indices (or a boolean mask) into ``lengths``.
+    padded: the split's padded length L (an upper bound on the result).
+
+  Returns:
+    The smallest of ``LENGTH_BUCKETS`` that holds the batch, at most ``padded``.
+  """
+  return bucket_length(int(np.asarray(lengths)[idx].max()), padded)
+
+
 def pack(
   tokenizer,
   first: Sequence[str],

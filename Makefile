@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/default
 CONFIG ?= configs/default.py
 
-.PHONY: install run test bench bench-quick lint clean
+.PHONY: install run test bench bench-quick bench-peers lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11" >&2; exit 1; }
@@ -35,6 +35,23 @@ bench: $(STAMP)
 bench-quick: $(STAMP)
 	$(BIN)/python bench/influence_cost.py --quick
 	$(BIN)/python bench/step_cost.py --quick
+
+# Peers, side by side (bench/peers/): our influence vs the same algorithm in
+# torch.func, kronfluence's EK-FAC and LiSSA on one CNN and one noisy digits split.
+# Its own venv (.venv-peers: the project plus the `peers` extra); torch is pinned to
+# 2.13.0 and installed first (the CPU build), so kronfluence finds it satisfied.
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): setup.cfg pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; set PY=/path/to/python3.11" >&2; exit 1; }
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet 'torch==2.13.0'
+	$(PEERS_VENV)/bin/python -m pip install --quiet -e '.[peers]'
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/python bench/peers/run.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check kdaif_jax tests bench configs notebooks/*.py main.py

@@ -269,6 +269,9 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
   """
   from absl import logging as absl_logging
 
+  # Orbax reads absolute paths only; a relative one is the working directory's
+  # (``--config.teacher.init=workdirs/x``), as for ``PhaseCheckpoints``.
+  folder = os.path.abspath(folder)
   steps = (
     sorted(
       (

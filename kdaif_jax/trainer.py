@@ -300,10 +300,9 @@ def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
     phase: "teacher" or "student": which network of the checkpointed state.
     like: a ``NetState`` with the expected shapes.
   """
-  # Orbax reads absolute paths only; a relative one is the user's working directory.
-  folder = os.path.abspath(os.path.join(path, "checkpoints", "teacher"))
+  folder = os.path.join(path, "checkpoints", "teacher")
   if not os.path.isdir(folder):
-    folder = os.path.abspath(path)
+    folder = path
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"config.teacher.init={path!r}: no checkpoint folder found")
   try:

@@ -53,15 +53,6 @@ DTYPES = ("float32", "bfloat16")
 BENCH = os.path.dirname(os.path.abspath(__file__))
 
 
-_SAVE: dict = {}
-
-
-def _save() -> None:
-  """Rewrites the JSON with what is measured so far (a killed run keeps it)."""
-  if _SAVE:
-    _common.write_json(_SAVE["path"], _SAVE["record"])
-
-
 def _one(e: Exception) -> str:
   return f"{type(e).__name__}: {e}".splitlines()[0][:500]
 
@@ -87,10 +78,10 @@ def influence_part(tiny: bool) -> dict:
       return json.load(f)
 
 
-def steps_part(tiny: bool, repeats: int, results: list) -> list[dict]:
+def steps_part(tiny: bool, repeats: int, results: list, save) -> list[dict]:
   """The student step of each pair and dtype: plain, default online, full-network CG 5.
 
-  Appends each pair's record to ``results`` as it is measured (the caller saves it).
+  Appends each pair's record to ``results`` as it is measured and calls ``save()``.
   """
   for student, teacher, batch, classes in TINY_PAIRS if tiny else PAIRS:
     for dtype in DTYPES:
@@ -109,7 +100,7 @@ def steps_part(tiny: bool, repeats: int, results: list) -> list[dict]:
       except Exception as e:  # noqa: BLE001 - the other pairs still run
         traceback.print_exc()
         results.append({"student": student, "teacher": teacher, "dtype": dtype, "error": _one(e)})
-        _save()
+        save()
         continue
       pair.update(step_cost.summarise(pair))
       for rec in pair["steps"].values():
@@ -117,7 +108,7 @@ def steps_part(tiny: bool, repeats: int, results: list) -> list[dict]:
           rec["steps_per_s"] = round(1e3 / rec["median_ms"], 2)
       results.append(pair)
       step_cost.print_table(pair)
-      _save()
+      save()
   return results
 
 
@@ -211,11 +202,12 @@ def main() -> None:
   t0 = time.perf_counter()
   record = {"benchmark": "gpu_check", "environment": _common.environment(), "tiny": args.tiny}
   record["command"] = " ".join(sys.argv)
-  _SAVE.update(path=args.out, record=record)
+  # Rewrites the JSON with what is measured so far (a killed run keeps it).
+  save = lambda: _common.write_json(args.out, record)
   runs = {
     "influence": lambda: influence_part(args.tiny),
     "steps": lambda: steps_part(
-      args.tiny, 2 if args.tiny else args.repeats, record.setdefault("steps", [])
+      args.tiny, 2 if args.tiny else args.repeats, record.setdefault("steps", []), save
     ),
     "epoch": lambda: epoch_part(args.tiny),
   }
@@ -233,7 +225,7 @@ def main() -> None:
     record[f"{part}_s"] = round(time.perf_counter() - t0 - started, 1)
     record["peak_memory"] = _peak_memory()
     record["total_s"] = round(time.perf_counter() - t0, 1)
-    _common.write_json(args.out, record)
+    save()
   failed = sorted(record.get("errors", {}))
   failed += [f"steps {r['student']} {r['dtype']}" for r in record.get("steps", []) if "error" in r]
   print(f"\nwrote {args.out} in {record['total_s']} s; failed parts: {failed or 'none'}")

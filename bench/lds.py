@@ -244,10 +244,14 @@ def influence_scores(task, params, data, method, args):
   return np.concatenate(out).T, time.perf_counter() - t0
 
 
-def methods_for(task, quick, hessian=False):
-  """(label, (scope, curvature, solver, damping, iterations)) of the methods compared."""
+def methods_for(task, quick, hessian=False, dampings=None):
+  """(label, (scope, curvature, solver, damping, iterations)) of the methods compared.
+
+  ``dampings`` replaces the task's GN-CG damping sweep when given.
+  """
   it = 10 if quick else ITERS[task]
-  dampings = {"logreg": DAMPINGS, "mlp": DAMPINGS[1:], "cnn_small": (1e-3, 1e-2)}[task]
+  default = {"logreg": DAMPINGS, "mlp": DAMPINGS[1:], "cnn_small": (1e-3, 1e-2)}[task]
+  dampings = dampings or default
   out = [(f"GN-CG λ={d:g}, {it} it.", ("all", "ggn", "cg", d, it)) for d in dampings]
   if task == "logreg" or hessian:  # λ = wd = 1e-3: logistic regression's exact Hessian
     hd = (1e-3,) if task == "logreg" else dampings[:2]
@@ -284,7 +288,7 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   data = (train, (xt[:nt], yt[:nt]), val)
   _, apply = make_model(task)
   rec["whole_model_test_accuracy"] = float(jnp.mean(jnp.argmax(apply(whole, xt), -1) == yt))
-  for label, method in methods_for(task, args.quick, args.hessian):
+  for label, method in methods_for(task, args.quick, args.hessian, args.dampings):
     if args.methods and not any(part in label for part in args.methods.split(",")):
       continue
     scores, secs = influence_scores(task, whole, data, method, args)
@@ -355,7 +359,18 @@ def main():
   ap.add_argument("--wd", type=float, default=None, help="override every task's weight decay")
   ap.add_argument("--full-steps", type=int, default=None, help="override the full-batch steps")
   ap.add_argument("--iters", type=int, default=None, help="override the CG iterations")
+  ap.add_argument(
+    "--dampings",
+    type=lambda v: tuple(float(x) for x in v.split(",")),
+    default=None,
+    help="GN-CG dampings to sweep, comma-separated (default: each task's)",
+  )
   ap.add_argument("--hessian", action="store_true", help="Hessian-CG on every task")
+  ap.add_argument(
+    "--cnn-full",
+    action="store_true",
+    help="also the cnn_small full-batch protocol (50 x 200 full-batch CNN steps: ~30 min here)",
+  )
   ap.add_argument("--methods", default="", help="only methods whose label contains one of these")
   args = ap.parse_args()
   for cfg in TASKS.values():  # variants (the cache is keyed by these settings)
@@ -377,7 +392,7 @@ def main():
     payload["lds"], payload["detect"] = old.get("lds", {}), old.get("detect", {})
   for task in args.tasks.split(","):
     for protocol in args.protocols.split(","):
-      if task == "cnn_small" and protocol == "full" and not args.quick:
+      if task == "cnn_small" and protocol == "full" and not (args.quick or args.cnn_full):
         continue  # 200 full-batch CNN steps x 50 subsets: see BENCHMARKS.md
       payload["lds"].setdefault(task, {})[protocol] = run_lds(task, protocol, data, masks, args)
       _common.write_json(args.out, payload)

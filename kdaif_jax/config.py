@@ -70,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
       # only). Digits, 40% noise, 3 seeds (BENCHMARKS.md §3c): AUROC of the online
       # weights 0.959 -> 0.983 (symmetric), 0.943 -> 0.984 (asymmetric).
       score_memory=0.8,
+      # β_s of a running average of the direction s over refreshes (0: each solve's own).
+      direction_memory=0.0,
       refresh_every=1,
       unroll="auto",
       lissa_scale=10.0,
@@ -77,7 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
       period_epochs=5,  # periodic: rescore the training set every K epochs
       proxy_epochs=0,  # static: epochs of the plain-KD proxy student (0: student.epochs)
       whole_set=ml_collections.ConfigDict(dict(cg_iters=50, curvature_size=1024)),
-      joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01)),
+      # joint: feedback strength, the teacher's learning rate, and how often it steps
+      # (every K student steps, on the mean of K feedback gradients).
+      joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01, every=1)),
     )
   )
   # Semi-supervised (active when data.num_labelled > 0), docs/method.md §5.
@@ -156,6 +160,7 @@ def step_options(
       warm_start=bool(k.warm_start),
       scope=k.scope,
       memory=float(k.score_memory),
+      direction_memory=float(k.direction_memory),
     ),
     joint_mu=float(k.joint.mu),
     ssl=options.SSLOptions(
@@ -325,6 +330,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.scope", options.SCOPES)
   _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
   _number(cfg, f"{k}.score_memory", 0, 1, hi_open=True)
+  _number(cfg, f"{k}.direction_memory", 0, 1, hi_open=True)
   _number(cfg, f"{k}.damping", 0)
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)
@@ -337,6 +343,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.whole_set.curvature_size", 1, integer=True)
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
+  _number(cfg, f"{k}.joint.every", 1, integer=True)
   if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
     _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
   _choice(cfg, "ssl.targets", SSL_TARGETS)

@@ -64,6 +64,44 @@ def make_optimizer(
   return optax.chain(*head, optax.adamw(lr, weight_decay=cfg.weight_decay))
 
 
+def every_k(tx: optax.GradientTransformation, k: int) -> optax.GradientTransformation:
+  """``tx`` applied once every ``k`` calls, to the mean of the ``k`` gradients.
+
+  Between those calls the updates are zero (``optax.MultiSteps``); ``k = 1``
+  returns ``tx`` itself, so its state keeps its structure.
+
+  Args:
+    tx: the optimiser.
+    k: calls per update, >= 1.
+
+  Returns:
+    optax GradientTransformation.
+  """
+  return optax.MultiSteps(tx, every_k_schedule=k) if k > 1 else tx
+
+
+def feedback_optimizer(
+  teacher_cfg: ml_collections.ConfigDict, lr: float, every: int, steps_per_epoch: int, epochs: int
+) -> optax.GradientTransformation:
+  """The teacher's optimiser for ``joint``'s feedback steps (``kdaif.joint``).
+
+  The teacher's own optimiser (``teacher_cfg``) at a constant ``lr``, without
+  warm-up, applied once every ``every`` student steps (``every_k``).
+
+  Args:
+    teacher_cfg: the teacher's optimizer config.
+    lr: ``kdaif.joint.lr``.
+    every: ``kdaif.joint.every``.
+    steps_per_epoch, epochs: the student phase's length.
+
+  Returns:
+    optax GradientTransformation.
+  """
+  cfg = ml_collections.ConfigDict(teacher_cfg.to_dict())
+  cfg.update(lr=lr, schedule="constant", warmup_epochs=0.0)
+  return every_k(make_optimizer(cfg, steps_per_epoch, epochs), every)
+
+
 def default_optimizer_config(lr: float = 0.05) -> ml_collections.ConfigDict:
   """SGD 0.9 Nesterov, weight decay 5e-4, cosine schedule, no warm-up."""
   return ml_collections.ConfigDict(

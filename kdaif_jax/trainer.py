@@ -107,7 +107,9 @@ def _init_state(run: loop.Run, key: jax.Array) -> step_lib.TrainState:
   sample = jnp.zeros((1, *ds.image_shape), jnp.float32)
   t_params, t_ms = run.teacher.init(k_t, sample)
   s_params, s_ms = run.student.init(k_s, sample)
-  tx_t = _teacher_tx(run)
+  tx_t = optim.make_optimizer(
+    cfg.teacher.optimizer, run.steps_per_epoch, max(cfg.teacher.epochs, 1)
+  )
   tx_s = optim.make_optimizer(
     cfg.student.optimizer, run.student_steps_per_epoch, cfg.student.epochs
   )
@@ -119,15 +121,10 @@ def _init_state(run: loop.Run, key: jax.Array) -> step_lib.TrainState:
   )
 
 
-def _teacher_tx(run: loop.Run):
-  cfg = run.cfg
-  if run.mechanism.joint:
-    joint = ml_collections.ConfigDict(cfg.teacher.optimizer.to_dict())
-    joint.update(lr=cfg.kdaif.joint.lr, schedule="constant", warmup_epochs=0.0)
-    return optim.make_optimizer(joint, run.student_steps_per_epoch, cfg.student.epochs)
-  return optim.make_optimizer(
-    cfg.teacher.optimizer, run.steps_per_epoch, max(cfg.teacher.epochs, 1)
-  )
+def _joint_tx(run: loop.Run):
+  cfg, k = run.cfg, run.cfg.kdaif.joint
+  steps = (run.student_steps_per_epoch, cfg.student.epochs)
+  return optim.feedback_optimizer(cfg.teacher.optimizer, k.lr, int(k.every), *steps)
 
 
 def _teacher_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Times]:
@@ -165,7 +162,7 @@ def _kd_fns(run: loop.Run, mechanism: Mechanism, epochs: int) -> StepFns:
   cfg = run.cfg
   opts = config_lib.step_options(cfg, mechanism.name)
   tx_s = optim.make_optimizer(cfg.student.optimizer, run.student_steps_per_epoch, epochs)
-  tx_t = _teacher_tx(run) if mechanism.joint else None
+  tx_t = _joint_tx(run) if mechanism.joint else None
   if run.semi_supervised:
     make = functools.partial(
       ssl_lib.make_ssl_step, run.student, run.teacher, tx_s, tx_t, run.prepare, opts
@@ -248,6 +245,9 @@ def _student_phase(
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
+  if mech.joint:  # a fresh optimiser state (and structure) for the teacher's feedback steps
+    tea = state.teacher
+    state = state.replace(teacher=tea.replace(opt_state=_joint_tx(run).init(tea.params)))
   state, ckpt, elapsed = loop.restore_or(run, "student", state)
   on_epoch = None
   if mech.rescores:

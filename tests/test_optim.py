@@ -48,3 +48,24 @@ def test_warmup_is_linear_then_main_schedule():
   np.testing.assert_allclose(
     [float(sched(s)) for s in (0, 10, 20, 50)], [0.0, 0.05, 0.1, 0.1], atol=1e-7
   )
+
+
+def test_every_k_updates_once_per_k_calls_with_the_mean_gradient():
+  tx = optax.sgd(0.5)
+  acc = optim.every_k(tx, 3)
+  params = {"w": jnp.zeros(2)}
+  grads = [
+    {"w": jnp.array([1.0, 2.0])},
+    {"w": jnp.array([3.0, -2.0])},
+    {"w": jnp.array([5.0, 6.0])},
+  ]
+  state = acc.init(params)
+  updates = []
+  for g in grads:
+    u, state = acc.update(g, state, params)
+    updates.append(u["w"])
+  np.testing.assert_array_equal(updates[0], 0.0)
+  np.testing.assert_array_equal(updates[1], 0.0)
+  # Plain SGD on the mean of the three gradients: -0.5 * [3, 2].
+  np.testing.assert_allclose(updates[2], [-1.5, -1.0], rtol=1e-6)
+  assert optim.every_k(tx, 1) is tx

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from kdaif_jax import config as config_lib
-from kdaif_jax import influence, losses, models, online, ssl
+from kdaif_jax import influence, losses, models, online, optim, ssl
 from kdaif_jax import step as step_lib
 
 
@@ -65,7 +65,7 @@ def test_joint_feedback_sign_with_real_influence():
       assert p_new[1, 0] > p_old[1, 0]  # helpful pseudo-label became more likely
 
 
-def _ssl_setup(mechanism, **ssl_overrides):
+def _ssl_setup(mechanism, teacher_tx=None, **ssl_overrides):
   cfg = config_lib.base_config()
   cfg.kdaif.mechanism = mechanism
   cfg.kdaif.cg_iters = 2
@@ -76,10 +76,11 @@ def _ssl_setup(mechanism, **ssl_overrides):
   tp, tms = teacher.init(k[0], sample)
   sp, sms = student.init(k[1], sample)
   tx = optax.sgd(0.1)
+  tx_t = teacher_tx or tx
   state = step_lib.new_train_state(
     key=jax.random.key_data(k[2]),
     student=step_lib.NetState(sp, sms, tx.init(sp)),
-    teacher=step_lib.NetState(tp, tms, tx.init(tp)),
+    teacher=step_lib.NetState(tp, tms, tx_t.init(tp)),
     num_examples=8,
   )
   img = lambda kk, n: jax.random.randint(kk, (n, 4, 4, 1), 0, 256).astype(jnp.uint8)
@@ -92,7 +93,7 @@ def _ssl_setup(mechanism, **ssl_overrides):
   val = {"images": img(k[2], 6), "labels": jnp.array([0, 1, 2, 0, 1, 2])}
   prepare = lambda im: im.astype(jnp.float32) / 255.0
   fn = ssl.make_ssl_step(
-    student, teacher, tx, tx, prepare, config_lib.step_options(cfg), axis_name=None
+    student, teacher, tx, tx_t, prepare, config_lib.step_options(cfg), axis_name=None
   )
   return state, batch, val, jax.jit(fn)
 
@@ -117,6 +118,16 @@ def test_ssl_step_updates(mechanism):
     np.testing.assert_allclose(float(jnp.mean(w)), 1.0, atol=1e-5)
   if mechanism == "joint":
     assert "teacher_uda" in metrics
+
+
+def test_joint_teacher_every_k_steps_moves_only_on_the_kth():
+  # kdaif.joint.every = 2: the teacher's optimiser is optim.every_k(tx, 2).
+  state, batch, val, fn = _ssl_setup("joint", teacher_tx=optim.every_k(optax.sgd(0.1), 2))
+  one, _, _ = fn(state, batch, val)
+  two, _, _ = fn(one, batch, val)
+  assert not _differ(state.teacher.params, one.teacher.params)
+  assert _differ(one.teacher.params, two.teacher.params)
+  assert _differ(state.student.params, one.student.params)
 
 
 def test_ssl_labelled_only_ignores_unlabelled_images():

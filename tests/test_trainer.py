@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,31 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
     )
 
 
+def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path):
+  # kdaif.joint.every = 2 keeps half-accumulated teacher gradients in the state;
+  # a checkpoint at an odd step must restore them (optax.MultiSteps' state).
+  cfg = tiny(load_config("digits_ssl"), "joint")
+  cfg.kdaif.joint.every, cfg.checkpoint_every_steps = 2, 5
+  first, second = tmp_path / "a", tmp_path / "b"
+  trainer.train_and_evaluate(cfg, str(first))
+  shutil.copytree(first, second)
+  folder = second / "checkpoints" / "student"
+  steps = sorted(int(n) for n in os.listdir(folder))
+  assert 5 in steps and steps[-1] > 5
+  for n in steps:
+    if n > 5:
+      shutil.rmtree(folder / str(n))
+  (second / "summary.json").unlink()
+  resumed = trainer.train_and_evaluate(cfg, str(second))
+  assert resumed["steps_this_invocation"]["student"] == steps[-1] - 5
+  assert read_csv(first / "weights.csv") == read_csv(second / "weights.csv")
+  evals = [
+    [r for r in read_jsonl(d / "metrics.jsonl") if r["kind"] == "eval" and r["net"] == "teacher"]
+    for d in (first, second)
+  ]
+  assert evals[0][-1]["loss"] == evals[1][-1]["loss"]
+
+
 def test_workdir_of_another_experiment_is_refused(tmp_path):
   cfg = tiny(load_config("default"), "none")
   cfg.student.epochs = 1
@@ -151,6 +177,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.damping", -0.1, "kdaif.damping"),
     ("kdaif.cg_iters", 0, "kdaif.cg_iters"),
     ("kdaif.score_memory", 1.0, "kdaif.score_memory"),  # β = 1 would never learn
+    ("kdaif.joint.every", 0, "kdaif.joint.every"),
     ("kd.alpha", 1.5, "kd.alpha"),
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),

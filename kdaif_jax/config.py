@@ -70,8 +70,6 @@ def base_config() -> ml_collections.ConfigDict:
       # only). Digits, 40% noise, 3 seeds (BENCHMARKS.md §3c): AUROC of the online
       # weights 0.959 -> 0.983 (symmetric), 0.943 -> 0.984 (asymmetric).
       score_memory=0.8,
-      # β_s of a running average of the direction s over refreshes (0: each solve's own).
-      direction_memory=0.0,
       refresh_every=1,
       unroll="auto",
       lissa_scale=10.0,
@@ -160,7 +158,6 @@ def step_options(
       warm_start=bool(k.warm_start),
       scope=k.scope,
       memory=float(k.score_memory),
-      direction_memory=float(k.direction_memory),
     ),
     joint_mu=float(k.joint.mu),
     ssl=options.SSLOptions(
@@ -330,7 +327,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.scope", options.SCOPES)
   _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
   _number(cfg, f"{k}.score_memory", 0, 1, hi_open=True)
-  _number(cfg, f"{k}.direction_memory", 0, 1, hi_open=True)
   _number(cfg, f"{k}.damping", 0)
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)

@@ -140,10 +140,6 @@ def online_influence(
       **opts.solver._asdict(),
     )
     s, scores, info = result.s, result.scores, result.info
-    if opts.direction_memory > 0:
-      s, scores = _average_direction(
-        train_loss, params, s_prev, s, opts.direction_memory, axis_name
-      )
     diverged = info.diverged.astype(jnp.float32)
     stats = jnp.stack(
       [
@@ -172,19 +168,6 @@ def online_influence(
     "solve_diverged": diverged,  # 1 when this step's solve blew up (e.g. LiSSA scale)
   }
   return BatchInfluence(s, stats, scores, w, metrics, jax.lax.stop_gradient(new_memory))
-
-
-def _average_direction(train_loss, params, s_prev, s_new, beta: float, axis_name):
-  """s ← β·s_prev + (1 − β)·s_new (s_new alone at the first refresh), and its scores.
-
-  A running average over refreshes damps the batch-to-batch noise of the
-  curvature sample and of g_V in s; the scores are recomputed with it (one jvp).
-  """
-  started = sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(s_prev)) > 0
-  b = jnp.where(started, beta, 0.0)
-  s = jax.tree.map(lambda a, c: b * a + (1.0 - b) * c, s_prev, s_new)
-  local = lambda tree: device_local(tree, axis_name)
-  return s, influence.scores(train_loss, local(params), local(s))
 
 
 def student_influence(

@@ -90,8 +90,6 @@ class InfluenceOptions(NamedTuple):
     "head" (its classifier layer; ``influence.restrict``).
   memory: β in [0, 1) of each example's memory of its standardised scores
     (``online.remember``); 0 weighs every batch by its own scores only.
-  direction_memory: β_s in [0, 1) of a running average of the direction s
-    over refreshes (``online.online_influence``); 0 uses each solve's own s.
   """
 
   solver: SolverOptions = SolverOptions()
@@ -99,7 +97,6 @@ class InfluenceOptions(NamedTuple):
   warm_start: bool = True
   scope: str = "all"
   memory: float = 0.0
-  direction_memory: float = 0.0
 
 
 class SSLOptions(NamedTuple):

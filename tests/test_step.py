@@ -208,37 +208,3 @@ def test_the_loop_records_the_memory_and_skips_non_finite_scores():
   assert float(jnp.sum(new.score_visits)) == B + 2  # nobody else was visited
   batch = loop._with_memory(new, {"images": None}, idx)
   np.testing.assert_array_equal(batch["visits"], [2.0, 1.0, 2.0])
-
-
-def test_direction_memory_averages_s_over_refreshes():
-  cfg, student, teacher, tx, prepare, state, batch, val, _ = _setup("online")
-  cfg.kdaif.score_memory = 0.0
-
-  def run(beta, st):
-    cfg.kdaif.direction_memory = beta
-    opts = config_lib.step_options(cfg)
-    fn = step_lib.make_kd_step(student, teacher, tx, None, prepare, opts, axis_name=None)
-    new, _, (scores, _, _) = jax.jit(fn)(st, batch, val)
-    return new.s, scores
-
-  # First refresh (s_prev = 0): the solve's own s, as without the memory.
-  s0, scores0 = run(0.0, state)
-  s1, scores1 = run(0.5, state)
-  for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1)):
-    np.testing.assert_array_equal(a, b)
-  np.testing.assert_array_equal(scores0, scores1)
-  # Later: the average of the previous s and the new solve (warm-started alike).
-  prev = jax.tree.map(lambda a: 0.3 * jnp.ones_like(a) + a, s0)
-  later = state.replace(s=prev)
-  s_new, scores_new = run(0.0, later)
-  s_avg, scores_avg = run(0.5, later)
-  for p, n, a in zip(*(jax.tree.leaves(t) for t in (prev, s_new, s_avg))):
-    np.testing.assert_allclose(a, 0.5 * p + 0.5 * n, rtol=1e-5, atol=1e-7)
-  # Its scores are the jvp along the averaged s (scores are linear in s; a stale
-  # step scores along the previous s).
-  stale = step_lib.make_kd_step(
-    student, teacher, tx, None, prepare, config_lib.step_options(cfg), refresh=False, axis_name=None
-  )
-  _, _, (scores_prev, _, _) = jax.jit(stale)(later, batch, val)
-  np.testing.assert_allclose(scores_avg, 0.5 * scores_prev + 0.5 * scores_new, rtol=1e-4, atol=1e-6)
-  assert not np.allclose(scores_avg, scores_new, atol=1e-4)

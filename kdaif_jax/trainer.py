@@ -247,7 +247,8 @@ def _student_phase(
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
   if mech.joint:  # a fresh optimiser state (and structure) for the teacher's feedback steps
     tea = state.teacher
-    state = state.replace(teacher=tea.replace(opt_state=_joint_tx(run).init(tea.params)))
+    fresh = parallel.replicate(_joint_tx(run).init(tea.params), run.mesh)
+    state = state.replace(teacher=tea.replace(opt_state=fresh))
   state, ckpt, elapsed = loop.restore_or(run, "student", state)
   on_epoch = None
   if mech.rescores:

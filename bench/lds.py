@@ -222,7 +222,7 @@ def influence_scores(task, params, data, method, args):
       damping=damping, maxiter=chunk_iters, tol=1e-8, x0=s0, lissa_scale=scale,
       unroll=False if solver == "lissa" else None,  # 100 unrolled LiSSA steps: minutes of compile
     )  # fmt: skip
-    return s, info.iterations
+    return s, info
 
   def score_one(params, s):
     sc = online.scope_restrict(scope, params, full, None)
@@ -234,12 +234,13 @@ def influence_scores(task, params, data, method, args):
   out = []
   for a in range(0, xt.shape[0], tchunk):
     n = min(tchunk, xt.shape[0] - a)
-    s = jax.tree.map(lambda q: jnp.zeros((n, *q.shape), q.dtype), sub)
-    # Restarted CG (as kdaif_jax.scoring): one compiled chunk, warm-started.
-    for _ in range(1 if solver != "cg" else -(-iters // chunk_iters)):
-      s, it = solve(params, s, xt[a : a + n], yt[a : a + n])
-      if solver == "cg" and int(jnp.max(it)) < chunk_iters:
-        break
+    s0 = jax.tree.map(lambda q: jnp.zeros((n, *q.shape), q.dtype), sub)
+    s, _ = influence.restarted(  # as kdaif_jax.scoring: one compiled chunk, warm-started
+      lambda x0: solve(params, x0, xt[a : a + n], yt[a : a + n]),
+      s0,
+      chunk_iters=chunk_iters,
+      total_iters=iters if solver == "cg" else chunk_iters,
+    )
     out.append(np.asarray(score(params, s)))
   return np.concatenate(out).T, time.perf_counter() - t0
 

@@ -82,13 +82,16 @@ def check_finite_tree(tree: Any, name: str, hint: str = "") -> None:
   ]
   if not concrete:
     return
-  flags = [
-    np.all(np.isfinite(leaf))
-    if isinstance(leaf, (np.ndarray, np.generic, float, int))
-    # device arrays: reduce where they live
-    else jnp.all(jnp.isfinite(leaf))
-    for _, leaf in concrete
-  ]
+  # Device arrays reduce where they live. Eagerly even while a jit is tracing:
+  # a concrete array closed over by the traced function would otherwise give a
+  # traced flag that cannot be read.
+  with jax.ensure_compile_time_eval():
+    flags = [
+      np.all(np.isfinite(leaf))
+      if isinstance(leaf, (np.ndarray, np.generic, float, int))
+      else jnp.all(jnp.isfinite(leaf))
+      for _, leaf in concrete
+    ]
   ok = np.asarray(jax.device_get(flags), bool).reshape(-1)
   if ok.all():
     return

@@ -39,7 +39,14 @@ from kdaif_jax.curvature import (
   make_gnvp,
   make_hvp,
 )
-from kdaif_jax.solvers import SolveInfo, cg_solve, default_unroll, lissa, tree_isfinite
+from kdaif_jax.solvers import (
+  SolveInfo,
+  cg_solve,
+  default_unroll,
+  lissa,
+  restarted,
+  tree_isfinite,
+)
 
 __all__ = [
   "CURVATURES",
@@ -61,6 +68,7 @@ __all__ = [
   "lissa",
   "make_gnvp",
   "make_hvp",
+  "restarted",
   "restrict",
   "scores",
   "solve_direction",

@@ -96,18 +96,16 @@ def make_whole_set_scorer(
     curv = {"images": arrays["train_images"][idx], "labels": arrays["train_labels"][idx]}
     nv = arrays["val_labels"].shape[0] // ndev * ndev
     val = {"images": arrays["val_images"][:nv], "labels": arrays["val_labels"][:nv]}
-    # Restarted CG: one compiled chunk of iterations, called until the budget is spent,
-    # each warm-started from the last. Unrolling 50 iterations would cost minutes of
-    # XLA:CPU compile time; a while-loop runs ~20x slower there (BENCHMARKS.md).
-    s = jax.tree.map(jnp.zeros_like, online.scope_params(opts.scope, state.student.params))
-    done = 0
-    restarts = 1 if solver.solver != "cg" else -(-opts.total_iters // solver.maxiter)
-    for _ in range(restarts):
-      s, info = solve_fn(state, curv, val, s)
-      done += int(info.iterations)
-      if int(info.iterations) < solver.maxiter:
-        break
-    info = info._replace(iterations=jnp.asarray(done))
+    # Restarted CG: one compiled chunk of iterations, warm-started until the budget is
+    # spent (solvers.restarted says why not one long unrolled or looped solve).
+    s0 = jax.tree.map(jnp.zeros_like, online.scope_params(opts.scope, state.student.params))
+    total = opts.total_iters if solver.solver == "cg" else solver.maxiter
+    s, info = influence.restarted(
+      lambda x0: solve_fn(state, curv, val, x0),
+      s0,
+      chunk_iters=solver.maxiter,
+      total_iters=total,
+    )
     out = np.zeros((n,), np.float32)
     size = max(ndev, opts.chunk_size // ndev * ndev)
     for start in range(0, n, size):

@@ -261,6 +261,53 @@ def lissa(
   return x, info
 
 
+def restarted(
+  solve_chunk: Callable[[PyTree], tuple[PyTree, SolveInfo]],
+  x0: PyTree,
+  *,
+  chunk_iters: int,
+  total_iters: int,
+) -> tuple[PyTree, SolveInfo]:
+  """Runs a compiled chunk of CG iterations again and again, each call warm-started
+  from the last iterate, until ``total_iters`` are spent or the solve ends early.
+
+  Host-side (not jittable): the point is to compile ``chunk_iters`` unrolled
+  iterations once instead of unrolling ``total_iters`` (minutes of XLA:CPU compile
+  time at 50) or running a ``while`` loop (about 20x slower on CPU with
+  convolutions; ``default_unroll``). Restarting CG from its iterate discards the
+  conjugate directions, so a restarted solve needs a few more iterations than one
+  long run to reach the same residual; it converges to the same solution.
+
+  A chunk that did fewer than ``chunk_iters`` iterations stopped by itself (the
+  tolerance was reached, or negative curvature was met), so the loop stops there,
+  and on a non-finite iterate. ``solve_chunk`` may be ``vmap``ped over several
+  right-hand sides: the loop then stops when every one of them stopped.
+
+  Args:
+    solve_chunk: ``x0 -> (x, SolveInfo)``, e.g. a jitted ``solve_direction`` or
+      ``cg_solve`` with ``maxiter=chunk_iters``.
+    x0: the first iterate (zeros for a cold start).
+    chunk_iters: the ``maxiter`` of one call of ``solve_chunk``.
+    total_iters: the iteration budget; the number of calls is
+      ⌈total_iters / chunk_iters⌉ (at least one).
+
+  Returns:
+    ``(x, info)``: the last iterate and the last chunk's ``SolveInfo`` with
+    ``iterations`` replaced by the total over all calls (per right-hand side
+    when vmapped).
+  """
+  _checks.check_positive_int(chunk_iters, "chunk_iters")
+  _checks.check_positive_int(total_iters, "total_iters")
+  x, done, info = x0, 0, None
+  for _ in range(-(-total_iters // chunk_iters)):
+    x, info = solve_chunk(x)
+    iters = np.asarray(info.iterations)
+    done = done + iters
+    if np.max(iters) < chunk_iters or not np.all(np.asarray(info.finite)):
+      break
+  return x, info._replace(iterations=jnp.asarray(done))
+
+
 def _call_with_batch(matvec, v, *, batch):
   return matvec(v, batch)
 

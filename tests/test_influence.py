@@ -276,6 +276,71 @@ def test_cg_flags_negative_curvature_on_indefinite_matrix(unroll):
   np.testing.assert_allclose(np.asarray(x3), np.linalg.solve(a + 2.5 * np.eye(6), b2), rtol=1e-9)
 
 
+def _counting(solve_chunk):
+  """``solve_chunk`` that records the iterations of every call."""
+  calls = []
+
+  def run(x0):
+    x, info = solve_chunk(x0)
+    calls.append(np.asarray(info.iterations))
+    return x, info
+
+  return run, calls
+
+
+def test_restarted_cg_reaches_dense_solve_and_stops_when_converged(ggn_system):
+  s = ggn_system
+  chunk = jax.jit(
+    lambda x0: influence.cg_solve(
+      s["matvec"], s["b"], damping=s["damping"], maxiter=4, tol=1e-10, x0=x0
+    )
+  )
+  run, calls = _counting(chunk)
+  x, info = influence.restarted(
+    run, jax.tree.map(jnp.zeros_like, s["b"]), chunk_iters=4, total_iters=400
+  )
+  assert rel_err(flat(x), s["x_star"]) < 1e-8
+  assert info.residual < 1e-10
+  # Stopped on its own, long before the budget of 100 calls; the count is the sum.
+  assert 5 <= len(calls) < 100 and int(calls[-1]) < 4
+  assert int(info.iterations) == sum(int(c) for c in calls)
+
+
+def test_restarted_spends_the_budget_and_stops_on_negative_curvature_or_nan():
+  a, q = random_spd(3, np.array([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]))
+  b = jnp.asarray(np.random.default_rng(4).normal(size=6))
+  chunk = lambda mv, b: lambda x0: influence.cg_solve(mv, b, maxiter=2, tol=0.0, x0=x0)
+  # Budget 5 in chunks of 2: three calls, 6 iterations (never converged with tol 0).
+  run, calls = _counting(chunk(matrix_matvec(a), b))
+  _, info = influence.restarted(run, jnp.zeros(6), chunk_iters=2, total_iters=5)
+  assert len(calls) == 3 and int(info.iterations) == 6
+  # Indefinite: CG stops at the negative direction, so does the loop.
+  indef, qi = random_spd(3, np.array([3.0, 2.0, 1.0, 0.5, -1.0, -2.0]))
+  run, calls = _counting(chunk(matrix_matvec(indef), jnp.asarray(qi[:, -1])))
+  _, info = influence.restarted(run, jnp.zeros(6), chunk_iters=2, total_iters=20)
+  assert len(calls) == 1 and bool(info.negative_curvature)
+  # A non-finite iterate ends the loop too (the caller reads info.diverged).
+  run, calls = _counting(chunk(lambda v: v * jnp.nan, b))
+  _, info = influence.restarted(run, jnp.zeros(6), chunk_iters=2, total_iters=20)
+  assert len(calls) == 1 and bool(info.diverged)
+  with pytest.raises(ValueError, match="chunk_iters"):
+    influence.restarted(run, jnp.zeros(6), chunk_iters=0, total_iters=20)
+
+
+def test_restarted_vmapped_runs_until_every_right_hand_side_stops():
+  a, q = random_spd(5, np.linspace(0.5, 3.0, 10))
+  # Column 0 is an eigenvector (one CG step); column 1 needs ~10 steps.
+  bs = jnp.asarray(np.stack([q[:, 0], np.random.default_rng(6).normal(size=10)]))
+  solve = jax.vmap(
+    lambda b, x0: influence.cg_solve(matrix_matvec(a), b, maxiter=3, tol=1e-12, x0=x0)
+  )
+  run, calls = _counting(lambda x0: solve(bs, x0))
+  x, info = influence.restarted(run, jnp.zeros_like(bs), chunk_iters=3, total_iters=60)
+  assert info.iterations.shape == (2,) and int(info.iterations[0]) == 1
+  assert int(info.iterations[1]) >= 9 and len(calls) >= 4
+  np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, np.asarray(bs).T).T, rtol=1e-8)
+
+
 # --------------------------------------------------------------------------
 # LiSSA
 # --------------------------------------------------------------------------

@@ -444,6 +444,12 @@ def test_nonfinite_params_v_s_are_named_eagerly():
   ):
     one_line_error(call, r"^v\['b'\] contains NaN or inf")
   one_line_error(lambda: influence.scores(per_example, p, bad_v), r"^s\['b'\] contains NaN or inf")
+  # Closed over by a jitted function the arrays are still concrete: checked while
+  # tracing, not turned into an unreadable traced flag.
+  mv = influence.make_hvp(mean_loss, p)
+  jitted = jax.jit(lambda x0: influence.cg_solve(mv, bad_v, maxiter=2, x0=x0))
+  one_line_error(lambda: jitted(v), r"^b\['b'\] contains NaN or inf")
+  assert bool(jax.jit(lambda x0: influence.cg_solve(mv, v, maxiter=2, x0=x0))(v)[1].finite)
 
 
 def test_batch_influence_names_params_not_an_internal_variable():

@@ -113,18 +113,19 @@ def converged_fn(
       tol=tol,
       x0=x0,
     )
-    return s, info, influence.scores(sc.train_loss, sc.params, s)
+    return s, info
+
+  @jax.jit
+  def score(params, s):
+    sc = online.scope_restrict(scope, params, prob["train_loss"], None)
+    return influence.scores(sc.train_loss, sc.params, s)
 
   def run(params):
-    sub = online.scope_params(scope, params)
-    s = jax.tree.map(jnp.zeros_like, sub)
-    chunks = 0
-    while chunks < max_chunks:
-      s, info, sc = solve(params, s)
-      chunks += 1
-      if float(info.residual) <= tol or bool(info.negative_curvature):
-        break
-    return np.asarray(sc), info, chunks
+    s0 = jax.tree.map(jnp.zeros_like, online.scope_params(scope, params))
+    s, info = influence.restarted(
+      lambda x0: solve(params, x0), s0, chunk_iters=chunk, total_iters=chunk * max_chunks
+    )
+    return np.asarray(score(params, s)), info, -(-int(info.iterations) // chunk)
 
   return run
 

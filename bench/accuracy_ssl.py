@@ -18,7 +18,8 @@ Arms:
                  ``ssl.fixmatch_threshold`` = 0.95) as hard labels for its strong
                  views (``ssl.targets=fixmatch``, mechanism none); no teacher
 The teacher is trained once per seed (by the labelled_only run) and loaded by the
-others with ``teacher.init``. Resumable: a run whose workdir has summary.json is
+others with ``teacher.init``; ``--teacher-init PATH`` (``{seed}`` replaced by the
+seed) gives every requested arm that teacher instead, and trains none. Resumable: a run whose workdir has summary.json is
 read back. Targets: joint >= 94%, and joint beats labelled_only by >= 8 points,
 pseudo_label by >= 3, online by >= 1 and fixmatch by >= 0; printed as MET / MISSED.
 Each run also records the teacher's pseudo-label accuracy on the unlabelled
@@ -149,16 +150,27 @@ def main():
     help="config override for every arm (repeatable), e.g. --set student.model=cnn_small_bn; "
     "use a separate --workdirs per recipe",
   )
+  p.add_argument(
+    "--teacher-init",
+    default="",
+    help="the teacher of every arm: a workdir or checkpoint folder, {seed} replaced by "
+    "the seed (e.g. bench/workdirs/ssl_bn_uda/full/seed{seed}/joint/checkpoints/student)",
+  )
   args = p.parse_args()
   if args.quick:
     args.seeds, args.student_epochs = [0], args.student_epochs or 3
-  arms = ["labelled_only"] + [a for a in args.arms if a != "labelled_only"]
   runs = []
-  for seed in args.seeds:
-    first = run_one(args, seed, arms[0], "")
-    runs.append(first)
-    for arm in arms[1:]:
-      runs.append(run_one(args, seed, arm, str(pathlib.Path(first["workdir"]))))
+  if args.teacher_init:
+    arms = list(dict.fromkeys(args.arms))
+    for seed in args.seeds:
+      runs += [run_one(args, seed, arm, args.teacher_init.format(seed=seed)) for arm in arms]
+  else:
+    arms = ["labelled_only"] + [a for a in args.arms if a != "labelled_only"]
+    for seed in args.seeds:
+      first = run_one(args, seed, arms[0], "")
+      runs.append(first)
+      for arm in arms[1:]:
+        runs.append(run_one(args, seed, arm, str(pathlib.Path(first["workdir"]))))
   table = {}
   for arm in arms:
     acc = [100 * r["student_test_accuracy"] for r in runs if r["arm"] == arm]

@@ -20,7 +20,8 @@ Arms:
 The teacher is trained once per seed (by the labelled_only run) and loaded by the
 others with ``teacher.init``; ``--teacher-init PATH`` (``{seed}`` replaced by the
 seed) gives every requested arm that teacher instead, and trains none.
-Resumable: a run whose workdir has summary.json is read back. Targets: joint >= 94%, and joint beats labelled_only by >= 8 points,
+Resumable: a run whose workdir has summary.json is read back.
+Targets: joint >= 94%, and joint beats labelled_only by >= 8 points,
 pseudo_label by >= 3, online by >= 1 and fixmatch by >= 0; printed as MET / MISSED.
 Each run also records the teacher's pseudo-label accuracy on the unlabelled
 batches (first and last student epoch) from its metrics.jsonl.

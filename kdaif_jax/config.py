@@ -1,5 +1,5 @@
-"""The base experiment config, its validation, the ``smoke`` shrink, and the
-records the trainer passes down.
+"""The base experiment config, the ``smoke`` shrink, and the records the trainer
+passes down (its validation, ``validate``, is in ``config_checks``).
 
 Every file in ``configs/`` starts from ``base_config()`` and changes what its
 experiment needs. ``validate(config)`` runs before any data is read or any
@@ -11,19 +11,19 @@ read here, at the edge, and nowhere below the trainer.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import ml_collections
 
-from kdaif_jax import data, influence, losses, models, optim, options, weights
-from kdaif_jax.options import MECHANISMS
+from kdaif_jax import data, influence, losses, optim, options, weights
 
-UNROLL = ("auto", "unroll", "loop")
-DTYPES = ("float32", "bfloat16")
-PROGRESS = ("auto", "bar", "log", "none")
-SSL_MECHANISMS = ("none", "online", "joint")
-SSL_TARGETS = ("soft", "hard", "fixmatch")
+# The allowed values and validate() live in config_checks; re-exported here.
+from kdaif_jax.config_checks import (  # noqa: F401
+  DTYPES,
+  PROGRESS,
+  SSL_MECHANISMS,
+  SSL_TARGETS,
+  UNROLL,
+  validate,
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -232,143 +232,6 @@ def wrn_ssl_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   return c
-
-
-def _fail(option: str, value: Any, allowed: str) -> None:
-  raise ValueError(f"config.{option}={value!r} is invalid; allowed: {allowed}")
-
-
-def _choice(cfg, option: str, allowed) -> None:
-  value = _get(cfg, option)
-  if value not in allowed:
-    _fail(option, value, ", ".join(map(str, allowed)))
-
-
-def _get(cfg, option: str):
-  node = cfg
-  for part in option.split("."):
-    node = node[part]
-  return node
-
-
-def _number(
-  cfg,
-  option: str,
-  lo: float,
-  hi: float = math.inf,
-  *,
-  lo_open: bool = False,
-  hi_open: bool = False,
-  integer: bool = False,
-) -> None:
-  value = _get(cfg, option)
-  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if ok and integer:
-    ok = float(value).is_integer()
-  if ok:
-    above = value > lo if lo_open else value >= lo
-    below = value < hi if hi_open else value <= hi
-    ok = above and below and math.isfinite(value)
-  if not ok:
-    kind = "an integer" if integer else "a number"
-    upper = f" and {'<' if hi_open else '<='} {hi}" if hi < math.inf else ""
-    bound = f"{'>' if lo_open else '>='} {lo}{upper}"
-    _fail(option, value, f"{kind} {bound}")
-
-
-def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks names and ranges of every option the trainer reads.
-
-  Raises:
-    ValueError: one line naming the option, its value and what is allowed.
-  """
-  data.validate_config(cfg.data)
-  text = cfg.data.name in data.glue.TEXT_DATASETS
-  for net in ("teacher", "student"):
-    _choice(cfg, f"{net}.model", models.text_names() if text else models.names())
-    # Pre-trained weights index the vocabulary of their own tokenizer, not a trained one.
-    if text and cfg[net].get("pretrained") and not data.glue.text_option(cfg.data, "tokenizer"):
-      _fail("data.text.tokenizer", "", f"a pre-trained tokenizer with {net}.pretrained set")
-    _choice(cfg, f"{net}.optimizer.name", optim.OPTIMIZERS)
-    _choice(cfg, f"{net}.optimizer.schedule", optim.SCHEDULES)
-    _number(cfg, f"{net}.optimizer.lr", 0, lo_open=True)
-    _number(cfg, f"{net}.optimizer.momentum", 0, 1)
-    _number(cfg, f"{net}.optimizer.weight_decay", 0)
-    _number(cfg, f"{net}.optimizer.warmup_epochs", 0)
-    _number(cfg, f"{net}.optimizer.clip_norm", 0)
-  _number(cfg, "teacher.epochs", 0 if cfg.teacher.init else 1, integer=True)
-  _number(cfg, "student.epochs", 1, integer=True)
-  _number(cfg, "batch_size", 1, integer=True)
-  _number(cfg, "eval_batch_size", 1, integer=True)
-  _number(cfg, "num_devices", 0, integer=True)
-  _number(cfg, "distributed.num_processes", 0, integer=True)
-  _number(cfg, "distributed.process_id", -1, integer=True)
-  d = cfg.distributed
-  if d.coordinator_address and ":" not in d.coordinator_address:
-    _fail("distributed.coordinator_address", d.coordinator_address, "HOST:PORT, or '' (unset)")
-  if d.num_processes > 0 and d.process_id >= d.num_processes:
-    _fail("distributed.process_id", d.process_id, f"-1 or 0..{d.num_processes - 1}")
-  if not cfg.multihost and (d.coordinator_address or d.num_processes or d.process_id >= 0):
-    _fail("multihost", cfg.multihost, "True when config.distributed.* is set")
-  _choice(cfg, "dtype", DTYPES)
-  if text and cfg.dtype != "float32":
-    _fail("dtype", cfg.dtype, "float32 for text models (the BERT encoders compute in float32)")
-  _number(cfg, "augment.pad", 0, integer=True)
-  _number(cfg, "kd.temperature", 0, lo_open=True)
-  _number(cfg, "kd.alpha", 0, 1)
-  k = "kdaif"
-  _choice(cfg, f"{k}.mechanism", MECHANISMS)
-  if text and data.glue.is_regression(cfg.data.name) and cfg.kdaif.mechanism == "joint":
-    _fail(f"{k}.mechanism", "joint", "any but joint for regression (its pseudo-labels are classes)")
-  _choice(cfg, f"{k}.weights", weights.MAPS)
-  _choice(cfg, f"{k}.curvature", influence.CURVATURES)
-  _choice(cfg, f"{k}.solver", influence.SOLVERS)
-  _choice(cfg, f"{k}.unroll", UNROLL)
-  _choice(cfg, f"{k}.scope", options.SCOPES)
-  _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
-  _number(cfg, f"{k}.score_memory", 0, 1, hi_open=True)
-  _number(cfg, f"{k}.damping", 0)
-  _number(cfg, f"{k}.cg_iters", 1, integer=True)
-  _number(cfg, f"{k}.cg_tol", 0)
-  _number(cfg, f"{k}.refresh_every", 1, integer=True)
-  _number(cfg, f"{k}.lissa_scale", 0, lo_open=True)
-  _number(cfg, f"{k}.val_batch_size", 0, integer=True)
-  _number(cfg, f"{k}.period_epochs", 1, integer=True)
-  _number(cfg, f"{k}.proxy_epochs", 0, integer=True)
-  _number(cfg, f"{k}.whole_set.cg_iters", 1, integer=True)
-  _number(cfg, f"{k}.whole_set.curvature_size", 1, integer=True)
-  _number(cfg, f"{k}.joint.mu", 0)
-  _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
-  _number(cfg, f"{k}.joint.every", 1, integer=True)
-  if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
-    _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
-  _choice(cfg, "ssl.targets", SSL_TARGETS)
-  if cfg.ssl.targets == "fixmatch" and cfg.kdaif.mechanism != "none":
-    _fail("ssl.targets", "fixmatch", "soft or hard with a KD-AIF mechanism (fixmatch: with none)")
-  _number(cfg, "ssl.fixmatch_threshold", 0, 1)
-  _number(cfg, "ssl.unlabelled_ratio", 1, integer=True)
-  _number(cfg, "ssl.unlabelled_weight", 0)
-  _number(cfg, "ssl.uda_weight", 0)
-  _number(cfg, "ssl.uda_threshold", 0, 1)
-  _number(cfg, "ssl.uda_temperature", 0, lo_open=True)
-  _number(cfg, "ssl.ema", 0, 1)
-  if cfg.ssl.ema >= 1:
-    _fail("ssl.ema", cfg.ssl.ema, "a number >= 0 and < 1")
-  _number(cfg, "ssl.finetune_epochs", 0, integer=True)
-  _number(cfg, "ssl.finetune_lr", 0, lo_open=True)
-  _number(cfg, "ssl.strong.num_ops", 0, integer=True)
-  _number(cfg, "ssl.strong.magnitude", 0, 10)
-  _number(cfg, "ssl.strong.cutout", 0, integer=True)
-  if cfg.data.num_labelled > 0 and cfg.kdaif.mechanism not in SSL_MECHANISMS:
-    _fail(
-      "kdaif.mechanism",
-      cfg.kdaif.mechanism,
-      f"{', '.join(SSL_MECHANISMS)} when data.num_labelled > 0 (semi-supervised)",
-    )
-  _number(cfg, "log_every_steps", 1, integer=True)
-  _number(cfg, "eval_every_epochs", 1, integer=True)
-  _number(cfg, "checkpoint_every_steps", 1, integer=True)
-  _choice(cfg, "progress", PROGRESS)
 
 
 def variant(

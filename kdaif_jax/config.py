@@ -24,6 +24,7 @@ from kdaif_jax.config_checks import (  # noqa: F401
   UNROLL,
   validate,
 )
+from kdaif_jax.options import MECHANISMS  # noqa: F401 (re-exported: config.MECHANISMS)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -312,6 +312,33 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
     absl_logging.set_verbosity(verbosity)
 
 
+def load_net(path: str, phase: str, like: Any) -> tuple[Any, Any]:
+  """Loads (params, model_state) of ``phase``'s network from a workdir or checkpoint dir.
+
+  Args:
+    path: a workdir of an earlier run (its newest ``checkpoints/teacher``), or
+      a ``checkpoints/PHASE`` folder.
+    phase: "teacher" or "student": which network of the checkpointed state.
+    like: a ``NetState`` with the expected shapes.
+  """
+  folder = os.path.join(path, "checkpoints", "teacher")
+  if not os.path.isdir(folder):
+    folder = path
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"config.teacher.init={path!r}: no checkpoint folder found")
+  try:
+    params, ms, _ = restore_net_arrays(folder, phase)
+  except (FileNotFoundError, RuntimeError) as e:
+    raise FileNotFoundError(f"config.teacher.init={path!r}: {e}") from None
+  params = jax.tree.map(jnp.asarray, params)
+  ms = jax.tree.map(jnp.asarray, ms)
+  if jax.tree.structure(params) != jax.tree.structure(like.params):
+    raise ValueError(
+      f"config.teacher.init={path!r} holds a different architecture than config.teacher.model"
+    )
+  return params, ms
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():

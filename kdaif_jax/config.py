@@ -71,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
       # only). Digits, 40% noise, 3 seeds (BENCHMARKS.md §3c): AUROC of the online
       # weights 0.959 -> 0.983 (symmetric), 0.943 -> 0.984 (asymmetric).
       score_memory=0.8,
+      # "teacher": the memory starts from the teacher's whole-set influence (one
+      # scoring pass in its classifier layer); "none": from each example's first
+      # visit. Used by online/joint with score_memory > 0 (supervised runs).
+      memory_init="none",
       refresh_every=1,
       unroll="auto",
       lissa_scale=10.0,

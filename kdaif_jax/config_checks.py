@@ -16,6 +16,7 @@ from kdaif_jax.options import MECHANISMS
 UNROLL = ("auto", "unroll", "loop")
 DTYPES = ("float32", "bfloat16")
 PROGRESS = ("auto", "bar", "log", "none")
+MEMORY_INITS = ("none", "teacher")
 SSL_MECHANISMS = ("none", "online", "joint")
 SSL_TARGETS = ("soft", "hard", "fixmatch")
 
@@ -113,6 +114,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.scope", options.SCOPES)
   _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
   _number(cfg, f"{k}.score_memory", 0, 1, hi_open=True)
+  _choice(cfg, f"{k}.memory_init", MEMORY_INITS)
+  if cfg.kdaif.memory_init == "teacher" and cfg.data.num_labelled > 0:
+    _fail(
+      f"{k}.memory_init",
+      "teacher",
+      "none when data.num_labelled > 0 (the memory belongs to the supervised online step)",
+    )
   _number(cfg, f"{k}.damping", 0)
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)

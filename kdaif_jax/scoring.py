@@ -120,6 +120,34 @@ def make_whole_set_scorer(
   return score
 
 
+def make_teacher_scorer(teacher, prepare: Callable, opts: ScorerOptions, mesh) -> Callable:
+  """Builds ``score(state, arrays, key) -> (scores [N] numpy, SolveInfo)`` for the teacher.
+
+  The influence of each training example on the TEACHER's validation loss,
+  I_i = −∇ℓ_iᵀ (C + λI)⁻¹ ∇L_V, in the teacher's classifier layer (``scope="head"``,
+  whatever ``opts.scope``) and on its own training loss, cross-entropy on the
+  labels (``opts.kd`` with α = 1). ``make_whole_set_scorer`` on the teacher
+  network; the state's student is not used. It starts the online student's
+  score memory (``kdaif.memory_init="teacher"``): the teacher, trained on the
+  same labels, has already met every example.
+
+  Args:
+    teacher: the teacher ``models.Model``.
+    prepare, mesh: as in ``make_whole_set_scorer``.
+    opts: the whole-set solver, curvature sample and chunk size.
+
+  Returns:
+    A host function as ``make_whole_set_scorer``'s, reading ``state.teacher``.
+  """
+  opts = opts._replace(kd=opts.kd._replace(alpha=1.0), scope="head")
+  score = make_whole_set_scorer(teacher, teacher, prepare, opts, mesh)
+
+  def teacher_score(state: TrainState, arrays: dict, key: jax.Array):
+    return score(state.replace(student=state.teacher), arrays, key)
+
+  return teacher_score
+
+
 def make_self_influence_scorer(
   student, teacher, prepare: Callable, opts: ScorerOptions, mesh
 ) -> Callable:

@@ -130,7 +130,7 @@ def _joint_tx(run: loop.Run):
 def _teacher_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib.TrainState, Times]:
   cfg = run.cfg
   if cfg.teacher.init:
-    params, ms = load_net(cfg.teacher.init, "teacher", state.teacher)
+    params, ms = checkpoint.load_net(cfg.teacher.init, "teacher", state.teacher)
     log.info("teacher: loaded from %s", cfg.teacher.init)
     return state.replace(teacher=state.teacher.replace(params=params, model_state=ms)), {}
   tx = optim.make_optimizer(cfg.teacher.optimizer, run.steps_per_epoch, cfg.teacher.epochs)
@@ -183,8 +183,9 @@ def _proxy_epochs(cfg) -> int:
   return cfg.kdaif.proxy_epochs or cfg.student.epochs
 
 
-def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, label: str):
-  """Scores the whole training set with the state's student and freezes the weights."""
+def _score(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, label: str):
+  """Scores the whole training set with the state's student; logs and returns the
+  ``(scores, weights)`` [N] each."""
   key = jax.random.fold_in(run_key(run.cfg.seed, RunStream.SCORING), epoch)
   t0 = time.time()
   scores, info = scorer(state, loop.scored_arrays(run), key)
@@ -211,6 +212,12 @@ def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, l
     float(info.residual),
     f", AUROC(flipped) {det['auroc']:.3f}" if det["auroc"] is not None else "",
   )
+  return scores, w
+
+
+def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, label: str):
+  """Scores the whole training set with the state's student and freezes the weights."""
+  scores, w = _score(run, scorer, state, epoch, label)
   # Separate buffers for each field: the step donates its whole input state.
   return parallel.replicate(
     state.replace(
@@ -220,6 +227,19 @@ def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, l
     ),
     run.mesh,
   )
+
+
+def _teacher_memory(run: loop.Run, state: step_lib.TrainState) -> step_lib.TrainState:
+  """``kdaif.memory_init="teacher"``: every example's score memory starts from the
+  teacher's whole-set influence, standardised over the set as ``online.remember``
+  standardises a batch, with one visit counted."""
+  scorer = scoring.make_teacher_scorer(
+    run.teacher, run.prepare, config_lib.scorer_options(run.cfg), run.mesh
+  )
+  scores, _ = _score(run, scorer, state, 0, "memory_init")
+  z = jnp.asarray(scores / max(float(np.std(scores)), 1e-30), jnp.float32)
+  state = state.replace(score_memory=z, score_visits=jnp.ones_like(z))
+  return parallel.replicate(state, run.mesh)
 
 
 def _student_phase(
@@ -245,6 +265,8 @@ def _student_phase(
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
+  if mech.online and cfg.kdaif.score_memory > 0 and cfg.kdaif.memory_init == "teacher":
+    state = _teacher_memory(run, state)
   if mech.joint:  # a fresh optimiser state (and structure) for the teacher's feedback steps
     tea = state.teacher
     fresh = parallel.replicate(_joint_tx(run).init(tea.params), run.mesh)
@@ -290,33 +312,6 @@ def _finetune_phase(run: loop.Run, state: step_lib.TrainState) -> tuple[step_lib
   state, t = _supervised_phase(run, state, "finetune", "student", tx, cfg.ssl.finetune_epochs)
   # Evaluation after fine-tuning reads the fine-tuned weights, not the EMA.
   return state.replace(ema=jax.tree.map(jnp.copy, state.student.params)), t
-
-
-def load_net(path: str, phase: str, like: step_lib.NetState) -> tuple[Any, Any]:
-  """Loads (params, model_state) of ``phase``'s network from a workdir or checkpoint dir.
-
-  Args:
-    path: a workdir of an earlier run (its newest ``checkpoints/teacher``), or
-      a ``checkpoints/PHASE`` folder.
-    phase: "teacher" or "student": which network of the checkpointed state.
-    like: a ``NetState`` with the expected shapes.
-  """
-  folder = os.path.join(path, "checkpoints", "teacher")
-  if not os.path.isdir(folder):
-    folder = path
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"config.teacher.init={path!r}: no checkpoint folder found")
-  try:
-    params, ms, _ = checkpoint.restore_net_arrays(folder, phase)
-  except (FileNotFoundError, RuntimeError) as e:
-    raise FileNotFoundError(f"config.teacher.init={path!r}: {e}") from None
-  params = jax.tree.map(jnp.asarray, params)
-  ms = jax.tree.map(jnp.asarray, ms)
-  if jax.tree.structure(params) != jax.tree.structure(like.params):
-    raise ValueError(
-      f"config.teacher.init={path!r} holds a different architecture than config.teacher.model"
-    )
-  return params, ms
 
 
 # --------------------------------------------------------------------------

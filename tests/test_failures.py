@@ -419,7 +419,7 @@ def test_teacher_init_takes_a_relative_path(tmp_path, monkeypatch):
   folder = _saved(tmp_path / "run", {4: net})
   monkeypatch.chdir(tmp_path)
   like = step_lib.NetState({"w": jnp.zeros((3, 2))}, {}, ())
-  params, _ = trainer.load_net(os.path.relpath(folder, tmp_path), "teacher", like)
+  params, _ = checkpoint.load_net(os.path.relpath(folder, tmp_path), "teacher", like)
   assert np.all(params["w"] == 2.0)
 
 

@@ -222,6 +222,16 @@ def test_sharded_step_scores_equal_batch_influence():
   _check(eight, ref, ref_weights, "8 devices")
 
 
+def _scored_arrays(batch, val):
+  """The arrays a whole-set scorer reads (``loop.scored_arrays``' keys)."""
+  return {
+    "train_images": batch["images"],
+    "train_labels": batch["labels"],
+    "val_images": val["images"],
+    "val_labels": val["labels"],
+  }
+
+
 def test_whole_set_scorer_equals_batch_influence():
   n, chunk, iters = 40, 16, 4  # 40 = 2 chunks of 16 + a wrapped last chunk
   cfg, student, teacher, tx, state, batch, val = _problem(n=n, nv=V, key=3)
@@ -232,12 +242,7 @@ def test_whole_set_scorer_equals_batch_influence():
   assert opts.solver.maxiter == iters and opts.total_iters == iters
   mesh = parallel.make_mesh(1)
   scorer = scoring.make_whole_set_scorer(student, teacher, _prepare, opts, mesh)
-  arrays = {
-    "train_images": batch["images"],
-    "train_labels": batch["labels"],
-    "val_images": val["images"],
-    "val_labels": val["labels"],
-  }
+  arrays = _scored_arrays(batch, val)
   got, info = scorer(state, arrays, jax.random.key(7))
 
   @jax.jit
@@ -256,6 +261,48 @@ def test_whole_set_scorer_equals_batch_influence():
   scores = np.asarray(res.scores)
   atol = ATOL_REL * float(np.max(np.abs(scores)))
   np.testing.assert_allclose(got, scores, rtol=RTOL, atol=atol)
+
+
+def test_teacher_scorer_equals_dense_head_oracle():
+  """``kdaif.memory_init="teacher"``: influence on the teacher's own validation CE, in
+  its classifier layer, against a float64 dense Gauss-Newton solve."""
+  n, damping = 40, 0.1
+  cfg, student, teacher, tx, state, batch, val = _problem(n=n, nv=V, key=5)
+  cfg.eval_batch_size = 16  # 2 chunks and a wrapped last one
+  cfg.kdaif.damping = damping
+  cfg.kdaif.cg_tol = 0.0
+  cfg.kdaif.whole_set.cg_iters = 80  # > the head's 51 parameters: CG is exact
+  cfg.kdaif.whole_set.curvature_size = 2 * n  # the whole set
+  cfg.kd.alpha = 0.3  # the teacher's loss ignores the KD mixture
+  scorer = scoring.make_teacher_scorer(
+    teacher, _prepare, config.scorer_options(cfg), parallel.make_mesh(1)
+  )
+  arrays = _scored_arrays(batch, val)
+  got, info = scorer(state, arrays, jax.random.key(7))
+  assert got.shape == (n,) and int(info.iterations) <= 80
+
+  with jax.enable_x64(True):
+    tp = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), state.teacher.params)
+    head = sorted(tp)[-1]  # the MLP's last Dense layer
+    flat, unravel = jax.flatten_util.ravel_pytree(tp[head])
+    x, xv = _prepare(batch["images"]), _prepare(val["images"])
+
+    def logits(v, images):
+      return teacher.apply({**tp, head: unravel(v)}, {}, images, False)[0]
+
+    def ce(v, images, labels):
+      out = logits(v, images)
+      return jax.nn.logsumexp(out, axis=1) - jnp.take_along_axis(out, labels[:, None], 1)[:, 0]
+
+    j3 = jax.jacobian(logits)(flat, x)  # [N, K, P]
+    probs = jax.nn.softmax(logits(flat, x))
+    h_out = jax.vmap(lambda p: jnp.diag(p) - jnp.outer(p, p))(probs)
+    ggn = jnp.einsum("nkp,nkl,nlq->pq", j3, h_out, j3) / n
+    g_v = jax.grad(lambda v: jnp.mean(ce(v, xv, val["labels"])))(flat)
+    s = np.linalg.solve(np.asarray(ggn) + damping * np.eye(flat.size), np.asarray(g_v))
+    per_ex = jax.jacobian(lambda v: ce(v, x, batch["labels"]))(flat)  # [N, P]
+    expect = -np.asarray(per_ex) @ s
+  np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1e-4 * np.abs(expect).max())
 
 
 def test_identity_solver_is_the_validation_gradient():

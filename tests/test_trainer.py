@@ -110,10 +110,13 @@ def test_config_smoke_writes_every_file(name, tmp_path):
 @pytest.mark.parametrize("mechanism", ["none", "static", "periodic", "joint"])
 def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
   cfg = tiny(load_config("digits_noisy"), mechanism)
+  if mechanism != "joint":  # the memory belongs to the online step: ignored here
+    cfg.kdaif.memory_init = "teacher"
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert summary["mechanism"] == mechanism
   lines = read_jsonl(tmp_path / "metrics.jsonl")
   scorings = [r for r in lines if r["kind"] == "scoring"]
+  assert all(r["phase"] != "memory_init" for r in scorings)
   rows = read_csv(tmp_path / "weights.csv")
   w = np.array([float(r["weight"]) for r in rows])
   if mechanism in ("static", "periodic"):
@@ -130,6 +133,34 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
     assert any(
       r["net"] == "teacher" for r in lines if r["kind"] == "eval" and r["phase"] == "student"
     )
+
+
+def test_memory_init_teacher_starts_the_memory_from_the_teacher(tmp_path):
+  cfg = tiny(load_config("digits_asym"), "online")  # its recipe starts from the teacher
+  assert cfg.kdaif.memory_init == "teacher" and cfg.data.noise.kind == "asymmetric"
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  scorings = [r for r in lines if r["kind"] == "scoring"]
+  assert [r["phase"] for r in scorings] == ["memory_init"]
+  assert "auroc" in scorings[0] and scorings[0]["w_std"] > 0
+  # The first student step's weights already differ (every example has a memory);
+  # without it the first visit weighs by the batch's own scores.
+  first = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"][0]
+  cfg.kdaif.memory_init = "none"
+  trainer.train_and_evaluate(cfg, str(tmp_path / "plain"))
+  plain = [
+    r
+    for r in read_jsonl(tmp_path / "plain" / "metrics.jsonl")
+    if r["kind"] == "train" and r["phase"] == "student"
+  ][0]
+  assert first["step"] == plain["step"] and first["w_std"] != plain["w_std"]
+
+
+def test_memory_init_teacher_is_refused_in_semi_supervised_runs():
+  cfg = load_config("digits_ssl", None)
+  cfg.kdaif.memory_init = "teacher"
+  with pytest.raises(ValueError, match=r"config\.kdaif\.memory_init='teacher' .*allowed: none"):
+    config_lib.validate(cfg)
 
 
 def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path):
@@ -178,6 +209,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.cg_iters", 0, "kdaif.cg_iters"),
     ("kdaif.score_memory", 1.0, "kdaif.score_memory"),  # β = 1 would never learn
     ("kdaif.joint.every", 0, "kdaif.joint.every"),
+    ("kdaif.memory_init", "student", "kdaif.memory_init"),
     ("kd.alpha", 1.5, "kd.alpha"),
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),

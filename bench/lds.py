@@ -239,7 +239,8 @@ def influence_scores(task, params, data, method, args):
       lambda x0: solve(params, x0, xt[a : a + n], yt[a : a + n]),
       s0,
       chunk_iters=chunk_iters,
-      total_iters=iters if solver == "cg" else chunk_iters,
+      total_iters=iters,
+      solver=solver,
     )
     out.append(np.asarray(score(params, s)))
   return np.concatenate(out).T, time.perf_counter() - t0

@@ -40,6 +40,7 @@ from kdaif_jax.curvature import (
   make_hvp,
 )
 from kdaif_jax.solvers import (
+  SOLVERS,
   SolveInfo,
   cg_solve,
   default_unroll,
@@ -76,8 +77,6 @@ __all__ = [
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
-
-SOLVERS = ("cg", "lissa", "identity")
 
 
 # --------------------------------------------------------------------------

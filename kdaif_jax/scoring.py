@@ -99,12 +99,12 @@ def make_whole_set_scorer(
     # Restarted CG: one compiled chunk of iterations, warm-started until the budget is
     # spent (solvers.restarted says why not one long unrolled or looped solve).
     s0 = jax.tree.map(jnp.zeros_like, online.scope_params(opts.scope, state.student.params))
-    total = opts.total_iters if solver.solver == "cg" else solver.maxiter
     s, info = influence.restarted(
       lambda x0: solve_fn(state, curv, val, x0),
       s0,
       chunk_iters=solver.maxiter,
-      total_iters=total,
+      total_iters=opts.total_iters,
+      solver=solver.solver,
     )
     out = np.zeros((n,), np.float32)
     size = max(ndev, opts.chunk_size // ndev * ndev)

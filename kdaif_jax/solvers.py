@@ -22,6 +22,9 @@ from kdaif_jax import _checks
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
 
+# How s = (C + λI)⁻¹ b is computed ("identity": s = b, the gradient-alignment baseline).
+SOLVERS = ("cg", "lissa", "identity")
+
 # Relative slack of lissa's divergence tests: rounding never reaches it, and a
 # diverging recursion passes it after a few steps.
 _DIVERGENCE_SLACK = 1e-3
@@ -267,6 +270,7 @@ def restarted(
   *,
   chunk_iters: int,
   total_iters: int,
+  solver: str = "cg",
 ) -> tuple[PyTree, SolveInfo]:
   """Runs a compiled chunk of CG iterations again and again, each call warm-started
   from the last iterate, until ``total_iters`` are spent or the solve ends early.
@@ -290,6 +294,9 @@ def restarted(
     chunk_iters: the ``maxiter`` of one call of ``solve_chunk``.
     total_iters: the iteration budget; the number of calls is
       ⌈total_iters / chunk_iters⌉ (at least one).
+    solver: the solver ``solve_chunk`` runs, one of ``SOLVERS``. Only CG
+      continues from an iterate; LiSSA's recursion and the identity do not, so
+      for them ``solve_chunk`` is called once and ``total_iters`` is ignored.
 
   Returns:
     ``(x, info)``: the last iterate and the last chunk's ``SolveInfo`` with
@@ -298,8 +305,10 @@ def restarted(
   """
   _checks.check_positive_int(chunk_iters, "chunk_iters")
   _checks.check_positive_int(total_iters, "total_iters")
+  _checks.check_choice(solver, "solver", SOLVERS)
+  calls = -(-total_iters // chunk_iters) if solver == "cg" else 1
   x, done, info = x0, 0, None
-  for _ in range(-(-total_iters // chunk_iters)):
+  for _ in range(calls):
     x, info = solve_chunk(x)
     iters = np.asarray(info.iterations)
     done = done + iters

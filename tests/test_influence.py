@@ -325,6 +325,13 @@ def test_restarted_spends_the_budget_and_stops_on_negative_curvature_or_nan():
   assert len(calls) == 1 and bool(info.diverged)
   with pytest.raises(ValueError, match="chunk_iters"):
     influence.restarted(run, jnp.zeros(6), chunk_iters=0, total_iters=20)
+  # LiSSA (and the identity) cannot continue from an iterate: one call, whatever the budget.
+  lissa = lambda x0: influence.lissa(matrix_matvec(a), b, damping=0.1, scale=4.0, depth=2)
+  run, calls = _counting(lissa)
+  _, info = influence.restarted(run, jnp.zeros(6), chunk_iters=2, total_iters=20, solver="lissa")
+  assert len(calls) == 1
+  with pytest.raises(ValueError, match="solver"):
+    influence.restarted(run, jnp.zeros(6), chunk_iters=2, total_iters=20, solver="newton")
 
 
 def test_restarted_vmapped_runs_until_every_right_hand_side_stops():

@@ -184,7 +184,7 @@ def _proxy_epochs(cfg) -> int:
 
 
 def _score(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, label: str):
-  """Scores the whole training set with the state's student; logs and returns the
+  """Scores the whole training set with ``scorer``; logs and returns the
   ``(scores, weights)`` [N] each."""
   key = jax.random.fold_in(run_key(run.cfg.seed, RunStream.SCORING), epoch)
   t0 = time.time()
@@ -237,6 +237,9 @@ def _teacher_memory(run: loop.Run, state: step_lib.TrainState) -> step_lib.Train
     run.teacher, run.prepare, config_lib.scorer_options(run.cfg), run.mesh
   )
   scores, _ = _score(run, scorer, state, 0, "memory_init")
+  if not np.all(np.isfinite(scores)):  # a diverged solve: the student starts without it
+    log.warning("memory_init: the teacher's scores are not finite; memory starts empty")
+    return state
   z = jnp.asarray(scores / max(float(np.std(scores)), 1e-30), jnp.float32)
   state = state.replace(score_memory=z, score_visits=jnp.ones_like(z))
   return parallel.replicate(state, run.mesh)

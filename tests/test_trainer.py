@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from kdaif_jax import checkpoint, trainer
+from kdaif_jax import checkpoint, influence, trainer
 from kdaif_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,6 +154,27 @@ def test_memory_init_teacher_starts_the_memory_from_the_teacher(tmp_path):
     if r["kind"] == "train" and r["phase"] == "student"
   ][0]
   assert first["step"] == plain["step"] and first["w_std"] != plain["w_std"]
+
+
+def test_memory_init_with_non_finite_teacher_scores_starts_empty(tmp_path, monkeypatch, caplog):
+  from kdaif_jax import scoring
+
+  def nan_scorer(*args, **kwargs):
+    def score(state, arrays, key):
+      n = arrays["train_labels"].shape[0]
+      info = influence.SolveInfo(
+        np.int32(1), np.float32(np.nan), np.bool_(False), np.bool_(False), np.bool_(True)
+      )
+      return np.full((n,), np.nan, np.float32), info
+
+    return score
+
+  monkeypatch.setattr(scoring, "make_teacher_scorer", nan_scorer)
+  cfg = tiny(load_config("digits_asym"), "online")
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert "the teacher's scores are not finite; memory starts empty" in caplog.text
+  w = np.array([float(r["weight"]) for r in read_csv(tmp_path / "weights.csv")])
+  assert np.all(np.isfinite(w)) and w.std() > 0 and summary["student"]["test_accuracy"] > 0
 
 
 def test_memory_init_teacher_is_refused_in_semi_supervised_runs():

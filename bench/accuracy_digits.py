@@ -196,6 +196,7 @@ def run_one(args, noise: float, seed: int, label: str, teacher_init: str) -> dic
     num_train=summary.get("num_train"),
     trainer_wall_time_s=summary.get("wall_time_s"),
     steps_per_second=summary.get("steps_per_second"),
+    memory_init_auroc=_memory_init_auroc(wd / "metrics.jsonl"),
   )
   print(
     f"       student {rec['student_test_accuracy']:.4f}  teacher "
@@ -204,6 +205,17 @@ def run_one(args, noise: float, seed: int, label: str, teacher_init: str) -> dic
     flush=True,
   )
   return rec
+
+
+def _memory_init_auroc(path: pathlib.Path):
+  """AUROC of the teacher's scores that started the score memory (kdaif.memory_init)."""
+  if not path.exists():
+    return None
+  for line in path.read_text().splitlines():
+    r = json.loads(line)
+    if r.get("kind") == "scoring" and r.get("phase") == "memory_init":
+      return r.get("auroc")
+  return None
 
 
 def _kdaif_drift(wd: pathlib.Path, cfg) -> list[str]:
@@ -407,10 +419,10 @@ def main():
         **env,
         "command": " ".join(sys.argv),
         "quick": bool(args.quick),
-        "config": "configs/default.py get_config(None)",
+        "config": f"configs/{args.config}.py get_config(None)",
         "seeds": seeds,
         "noise_rates": noises,
-        "noise_kind": "symmetric",
+        "noise_kind": args.noise_kind,
         "mechanisms": labels,
         "teacher_epochs": args.teacher_epochs or base.teacher.epochs,
         "student_epochs": args.student_epochs or base.student.epochs,
@@ -418,7 +430,6 @@ def main():
         "student_model": base.student.model,
         "workdirs": str(pathlib.Path(args.workdirs) / tag_of(args)),
         "std": "sample std (ddof=1) over seeds; 0 with one seed",
-        "not_run": {"small_loss": "not reachable through the config"},
         "bench_wall_s": round(time.perf_counter() - t_start, 1),
         "runs": records,
         **agg,

@@ -33,8 +33,8 @@ def get_config(arg: str | None = None):
   c.kdaif.weight_temperature = 0.25
   c.student.epochs = 30
   # The online step's score memory starts from the teacher's whole-set influence
-  # (one scoring pass, ~10 s): 96.38 +- 0.95 over 5 seeds vs 95.82 +- 0.71 without
-  # (BENCHMARKS.md §3e).
+  # (one scoring pass, ~10 s): 96.38 +- 0.94 over 5 seeds vs 95.82 +- 0.71 without,
+  # +0.56 within noise (standard error 0.34); static 96.43 +- 1.12 (BENCHMARKS.md §3e).
   c.kdaif.memory_init = "teacher"
   if arg == "smoke":
     c = config_lib.smoke(c)

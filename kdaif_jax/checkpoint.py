@@ -39,6 +39,7 @@ from kdaif_jax.checkpoint_files import Invalid, check_seal, one_line, quiet_aban
 from kdaif_jax.workdir_lock import LOCK_FILE as LOCK_FILE
 from kdaif_jax.workdir_lock import WorkdirLock as WorkdirLock
 from kdaif_jax.workdir_lock import WorkdirLockedError as WorkdirLockedError
+from kdaif_jax.workdir_lock import open_workdir as open_workdir
 
 EXPERIMENT_FILE = "experiment.json"
 

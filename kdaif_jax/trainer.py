@@ -232,16 +232,17 @@ def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, l
 def _teacher_memory(run: loop.Run, state: step_lib.TrainState) -> step_lib.TrainState:
   """``kdaif.memory_init="teacher"``: every example's score memory starts from the
   teacher's whole-set influence, standardised over the set as ``online.remember``
-  standardises a batch, with one visit counted."""
+  standardises a batch, with one visit counted (none where a score is not finite)."""
   scorer = scoring.make_teacher_scorer(
     run.teacher, run.prepare, config_lib.scorer_options(run.cfg), run.mesh
   )
   scores, _ = _score(run, scorer, state, 0, "memory_init")
-  if not np.all(np.isfinite(scores)):  # a diverged solve: the student starts without it
-    log.warning("memory_init: the teacher's scores are not finite; memory starts empty")
-    return state
-  z = jnp.asarray(scores / max(float(np.std(scores)), 1e-30), jnp.float32)
-  state = state.replace(score_memory=z, score_visits=jnp.ones_like(z))
+  ok = np.isfinite(scores)
+  if not ok.all():
+    log.warning("memory_init: %d of the teacher's scores are not finite", int((~ok).sum()))
+  std = float(np.std(scores[ok])) if ok.any() else 0.0
+  z = np.where(ok, scores / (std if std > 0 else 1.0), 0.0).astype(np.float32)
+  state = state.replace(score_memory=jnp.asarray(z), score_visits=jnp.asarray(ok, jnp.float32))
   return parallel.replicate(state, run.mesh)
 
 
@@ -268,13 +269,16 @@ def _student_phase(
     # The proxy's buffers were donated step by step; continue from its output.
     state = _score_into(run, scorer, proxy, 0, "static")
     state = state.replace(student=fresh_student, step=jnp.zeros((), jnp.int32))
-  if mech.online and cfg.kdaif.score_memory > 0 and cfg.kdaif.memory_init == "teacher":
-    state = _teacher_memory(run, state)
   if mech.joint:  # a fresh optimiser state (and structure) for the teacher's feedback steps
     tea = state.teacher
     fresh = parallel.replicate(_joint_tx(run).init(tea.params), run.mesh)
     state = state.replace(teacher=tea.replace(opt_state=fresh))
   state, ckpt, elapsed = loop.restore_or(run, "student", state)
+  if cfg.kdaif.memory_init == "teacher":
+    if not (mech.online and cfg.kdaif.score_memory > 0):
+      log.info("kdaif.memory_init=teacher: unused (needs online/joint, score_memory > 0)")
+    elif ckpt.latest_step() is None:  # a resumed run has its memory in the checkpoint
+      state = _teacher_memory(run, state)
   on_epoch = None
   if mech.rescores:
     k = cfg.kdaif.period_epochs
@@ -340,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(cfg.num_devices or None)
   parallel.check_batch_size(cfg.batch_size, mesh)
   parallel.check_batch_size(cfg.eval_batch_size, mesh, "eval_batch_size")
-  lock = _open_workdir(workdir)
+  lock = checkpoint.open_workdir(workdir)
   try:
     # Before anything else is written: a workdir of another experiment is refused
     # even when the run that made it stopped before its first checkpoint.
@@ -349,33 +353,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     if lock is not None:
       lock.release()
-
-
-def _open_workdir(workdir: str) -> checkpoint.WorkdirLock | None:
-  """Creates ``workdir`` when needed and takes its lock (process 0 of a multi-host run).
-
-  Returns:
-    The held ``checkpoint.WorkdirLock`` (None on the other processes).
-
-  Raises:
-    ValueError: an empty workdir, one that is a file, or a folder that cannot be
-      created or written; one line naming it.
-    checkpoint.WorkdirLockedError: another live run holds it (its PID named).
-  """
-  if not str(workdir).strip():
-    raise ValueError("--workdir is empty; give a folder, e.g. --workdir=workdirs/default")
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir} is a file, not a folder; give a folder")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"--workdir={workdir}: cannot create it ({e.strerror or e})") from None
-  if jax.process_index() != 0:
-    return None
-  try:
-    return checkpoint.WorkdirLock(workdir).acquire()
-  except OSError as e:
-    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e})") from None
 
 
 def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -> dict:

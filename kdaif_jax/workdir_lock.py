@@ -1,4 +1,4 @@
-"""The workdir lock: one trainer per workdir (``WORKDIR/.lock``)."""
+"""The workdir lock: one trainer per workdir (``WORKDIR/.lock``), and ``open_workdir``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import logging
 import os
 import socket
 
+import jax
+
 LOCK_FILE = ".lock"
 
 log = logging.getLogger("kdaif_jax")
 
-__all__ = ["LOCK_FILE", "WorkdirLock", "WorkdirLockedError"]
+__all__ = ["LOCK_FILE", "WorkdirLock", "WorkdirLockedError", "open_workdir"]
 
 
 class WorkdirLockedError(RuntimeError):
@@ -145,3 +147,30 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def open_workdir(workdir: str) -> WorkdirLock | None:
+  """Creates ``workdir`` when needed and takes its lock (process 0 of a multi-host run).
+
+  Returns:
+    The held ``WorkdirLock`` (None on the other processes).
+
+  Raises:
+    ValueError: an empty workdir, one that is a file, or a folder that cannot be
+      created or written; one line naming it.
+    WorkdirLockedError: another live run holds it (its PID named).
+  """
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty; give a folder, e.g. --workdir=workdirs/default")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a folder; give a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir}: cannot create it ({e.strerror or e})") from None
+  if jax.process_index() != 0:
+    return None
+  try:
+    return WorkdirLock(workdir).acquire()
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not writable ({e.strerror or e})") from None

@@ -161,6 +161,19 @@ def test_static_influence_share_is_measured_from_scoring_lines(tmp_path):
   assert "workdir/weights.csv" in {m["file"] for m in out["missing"]}
 
 
+def test_online_report_names_the_teacher_pass_of_memory_init(tmp_path):
+  # A hand-made partial workdir: online whose score memory started from the teacher.
+  (tmp_path / "config.json").write_text(json.dumps({"kdaif": {"mechanism": "online"}}))
+  (tmp_path / "summary.json").write_text(
+    json.dumps({"mechanism": "online", "wall_time_s": {"teacher": 3.0, "student": 35.0}})
+  )
+  line = {"kind": "scoring", "phase": "memory_init", "step": 0, "epoch": 0, "seconds": 12.25}
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+  md = _read(report.write_report(str(tmp_path))["report_md"])
+  assert "Share of time on influence: unknown" in md
+  assert "starts the score memory took 12.2 s (metrics.jsonl, phase memory_init)" in md
+
+
 def test_cli_writes_the_report(run_dir, tmp_path):
   proc = subprocess.run(
     [sys.executable, "-m", "kdaif_jax.report", run_dir, "--out", str(tmp_path)],

@@ -3,6 +3,7 @@
 import csv
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -135,28 +136,64 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
     )
 
 
-def test_memory_init_teacher_starts_the_memory_from_the_teacher(tmp_path):
-  cfg = tiny(load_config("digits_asym"), "online")  # its recipe starts from the teacher
+def _spy_memory_init(monkeypatch):
+  """Records the teacher's scores and the memory the student phase starts from."""
+  from kdaif_jax import loop, scoring
+
+  seen = {}
+  make, run_phase = scoring.make_teacher_scorer, loop.run_phase
+
+  def make_spy(*args, **kwargs):
+    score = make(*args, **kwargs)
+
+    def spy(*a, **k):
+      out = score(*a, **k)
+      seen.setdefault("scores", []).append(np.array(out[0]))
+      return out
+
+    return spy
+
+  def run_phase_spy(run, phase, state, **kwargs):
+    if phase == "student":
+      seen["memory"] = np.asarray(state.score_memory)
+      seen["visits"] = np.asarray(state.score_visits)
+    return run_phase(run, phase, state, **kwargs)
+
+  monkeypatch.setattr(scoring, "make_teacher_scorer", make_spy)
+  monkeypatch.setattr(loop, "run_phase", run_phase_spy)
+  return seen
+
+
+@pytest.mark.parametrize("mechanism", ["online", "joint"])
+def test_memory_init_teacher_starts_the_memory_from_the_teacher(mechanism, tmp_path, monkeypatch):
+  seen = _spy_memory_init(monkeypatch)
+  cfg = tiny(load_config("digits_asym"), mechanism)  # its recipe starts from the teacher
   assert cfg.kdaif.memory_init == "teacher" and cfg.data.noise.kind == "asymmetric"
+  cfg.checkpoint_every_steps = 5
   trainer.train_and_evaluate(cfg, str(tmp_path))
   lines = read_jsonl(tmp_path / "metrics.jsonl")
   scorings = [r for r in lines if r["kind"] == "scoring"]
   assert [r["phase"] for r in scorings] == ["memory_init"]
   assert "auroc" in scorings[0] and scorings[0]["w_std"] > 0
-  # The first student step's weights already differ (every example has a memory);
-  # without it the first visit weighs by the batch's own scores.
-  first = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"][0]
-  cfg.kdaif.memory_init = "none"
-  trainer.train_and_evaluate(cfg, str(tmp_path / "plain"))
-  plain = [
-    r
-    for r in read_jsonl(tmp_path / "plain" / "metrics.jsonl")
-    if r["kind"] == "train" and r["phase"] == "student"
-  ][0]
-  assert first["step"] == plain["step"] and first["w_std"] != plain["w_std"]
+  # The student starts from the teacher's scores / their std, every example visited once.
+  (scores,) = seen["scores"]
+  np.testing.assert_allclose(seen["memory"], scores / scores.std(), rtol=1e-6)
+  np.testing.assert_array_equal(seen["visits"], 1.0)
+  if mechanism == "joint":
+    return
+  # A resumed run takes its memory from the checkpoint: no second teacher pass.
+  folder = tmp_path / "checkpoints" / "student"
+  steps = sorted(int(n) for n in os.listdir(folder))
+  for n in steps[1:]:
+    shutil.rmtree(folder / str(n))
+  (tmp_path / "summary.json").unlink()
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
+  assert sum(r["kind"] == "scoring" and r["phase"] == "memory_init" for r in lines) == 1
+  assert len(seen["scores"]) == 1
 
 
-def test_memory_init_with_non_finite_teacher_scores_starts_empty(tmp_path, monkeypatch, caplog):
+def test_memory_init_with_non_finite_teacher_scores(tmp_path, monkeypatch, caplog):
   from kdaif_jax import scoring
 
   def nan_scorer(*args, **kwargs):
@@ -171,8 +208,9 @@ def test_memory_init_with_non_finite_teacher_scores_starts_empty(tmp_path, monke
 
   monkeypatch.setattr(scoring, "make_teacher_scorer", nan_scorer)
   cfg = tiny(load_config("digits_asym"), "online")
-  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
-  assert "the teacher's scores are not finite; memory starts empty" in caplog.text
+  with caplog.at_level(logging.WARNING, logger="kdaif_jax"):
+    summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  assert "memory_init: 256 of the teacher's scores are not finite" in caplog.text
   w = np.array([float(r["weight"]) for r in read_csv(tmp_path / "weights.csv")])
   assert np.all(np.isfinite(w)) and w.std() > 0 and summary["student"]["test_accuracy"] > 0
 

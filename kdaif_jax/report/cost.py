@@ -114,6 +114,26 @@ def _influence_share(c: Context) -> str:
         else " (scorings included)."
       )
     )
+  return _online_share(c, s) + _memory_init_cost(c)
+
+
+def _memory_init_cost(c: Context) -> str:
+  """The teacher's scoring pass that starts the score memory (``kdaif.memory_init``)."""
+  secs = [
+    num(r.get("seconds"))
+    for r in c.records
+    if r.get("kind") == "scoring" and r.get("phase") == "memory_init"
+  ]
+  if not secs:
+    return ""
+  return (
+    f" Before the student's first step, the teacher's whole-set scoring that starts the "
+    f"score memory took {sum(secs):.1f} s (metrics.jsonl, phase memory_init)."
+  )
+
+
+def _online_share(c: Context, s: dict) -> str:
+  """The online mechanisms' share, from the steps/s of a plain-KD baseline."""
   b = c.base_summary or {}
   rate, rate_plain = (
     num((s.get("steps_per_second") or {}).get("student")),

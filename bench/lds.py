@@ -296,12 +296,20 @@ def run_lds(task, protocol, data, masks, args) -> dict:
     scores, secs = influence_scores(task, whole, data, method, args)
     res = lds.lds(jnp.asarray(scores), masks, jnp.asarray(truth))
     score = float(res.mean)
+    boot = lds.bootstrap_subsets(jnp.asarray(scores), masks, jnp.asarray(truth), jax.random.key(0))
+    se_subsets = float(jnp.std(boot))
     rec["methods"][label] = {
       "lds": round(score, 4),
+      "se_tests": round(float(res.stderr_tests), 4),  # from the T test examples
+      "se_subsets": round(se_subsets, 4),  # bootstrap over the m subsets
       "fraction_of_ceiling": round(score / rec["noise_ceiling"], 3),
       "seconds": round(secs, 1),
     }
-    print(f"  {task}/{protocol} {label}: LDS {score:.3f} ({secs:.1f} s)", flush=True)
+    print(
+      f"  {task}/{protocol} {label}: LDS {score:.3f} (s.e. {float(res.stderr_tests):.3f} "
+      f"tests, {se_subsets:.3f} subsets; {secs:.1f} s)",
+      flush=True,
+    )
   return rec
 
 

@@ -39,6 +39,7 @@ from jax.scipy.stats import rankdata
 __all__ = [
   "LDSResult",
   "NoiseCeiling",
+  "bootstrap_subsets",
   "lds",
   "noise_ceiling",
   "predictions",
@@ -54,10 +55,14 @@ class LDSResult(NamedTuple):
   per_test: [T] Spearman correlation of each test example (NaN where the
     outputs or the predictions do not vary across subsets).
   mean: [] mean of ``per_test`` over the test examples where it is defined.
+  stderr_tests: [] standard error of ``mean`` over the test examples,
+    std(per_test) / √T (sample std over the defined ones). The subsets'
+    share of the uncertainty: ``bootstrap_subsets``.
   """
 
   per_test: jax.Array
   mean: jax.Array
+  stderr_tests: jax.Array
 
 
 class NoiseCeiling(NamedTuple):
@@ -171,14 +176,47 @@ def lds(scores: jax.Array, masks: jax.Array, outputs: jax.Array) -> LDSResult:
   Raises:
     ValueError: shapes that do not fit together.
   """
+  _check_shapes(scores, masks, outputs)
+  per_test = spearman(predictions(scores, masks), outputs)
+  defined = jnp.sum(jnp.isfinite(per_test))
+  stderr = jnp.nanstd(per_test, ddof=1) / jnp.sqrt(jnp.maximum(defined, 1))
+  return LDSResult(per_test, jnp.nanmean(per_test), stderr)
+
+
+def bootstrap_subsets(
+  scores: jax.Array, masks: jax.Array, outputs: jax.Array, key: jax.Array, num: int = 200
+) -> jax.Array:
+  """The LDS recomputed on ``num`` bootstrap resamples of the m subsets.
+
+  Each resample draws m subsets with replacement (the rows of ``masks`` and
+  ``outputs`` together) and takes ``lds``' mean. Their spread is the
+  uncertainty of an LDS that comes from which subsets were drawn (m = 50 is a
+  small sample of the 2^N possible ones); ``LDSResult.stderr_tests`` is the
+  test examples' share.
+
+  Args:
+    scores, masks, outputs: as in ``lds``.
+    key: a ``jax.random.key``.
+    num: number of resamples.
+
+  Returns:
+    [num] LDS means; their std is the bootstrap standard error.
+  """
+  _check_shapes(scores, masks, outputs)
+  pred = predictions(scores, masks)
+  m = masks.shape[0]
+  rows = jax.random.randint(key, (num, m), 0, m)
+  one = lambda r: jnp.nanmean(spearman(pred[r], outputs[r]))
+  return jax.lax.map(one, rows)
+
+
+def _check_shapes(scores: jax.Array, masks: jax.Array, outputs: jax.Array) -> None:
   n, t = scores.shape
   if masks.shape[1] != n or outputs.shape != (masks.shape[0], t):
     raise ValueError(
       f"scores [N, T]={scores.shape}, masks [m, N]={masks.shape} and outputs "
       f"[m, T]={outputs.shape} do not fit together"
     )
-  per_test = spearman(predictions(scores, masks), outputs)
-  return LDSResult(per_test, jnp.nanmean(per_test))
 
 
 def noise_ceiling(outputs_a: jax.Array, outputs_b: jax.Array) -> NoiseCeiling:

@@ -65,6 +65,10 @@ def test_linear_model_has_lds_one_with_library_influence():
   assert float(res.mean) == pytest.approx(1.0, abs=1e-6)
   # The opposite sign ranks every subset backwards.
   assert float(lds.lds(-scores, masks, outputs).mean) == pytest.approx(-1.0, abs=1e-6)
+  # Exact on every subset: no uncertainty from the test examples or the subsets drawn.
+  assert float(res.stderr_tests) == pytest.approx(0.0, abs=1e-6)
+  boot = lds.bootstrap_subsets(scores, masks, outputs, jax.random.key(9), num=20)
+  np.testing.assert_allclose(boot, 1.0, atol=1e-6)
 
 
 def test_random_scores_give_about_zero():
@@ -75,6 +79,14 @@ def test_random_scores_give_about_zero():
   res = lds.lds(scores, masks, outputs)
   # Each term has sd ≈ 1/√(M−1) = 0.14; the mean of 200 has sd ≈ 0.01.
   assert abs(float(res.mean)) < 0.05
+  per_test = np.asarray(res.per_test)
+  assert float(res.stderr_tests) == pytest.approx(per_test.std(ddof=1) / np.sqrt(200), rel=1e-5)
+  assert 0.005 < float(res.stderr_tests) < 0.02
+  # Resampling the subsets: centred on the LDS, with about the same spread here
+  # (every term's randomness comes from which subsets were drawn).
+  boot = np.asarray(lds.bootstrap_subsets(scores, masks, outputs, jax.random.key(4), num=100))
+  assert boot.shape == (100,) and abs(boot.mean() - float(res.mean)) < 0.01
+  assert 0.5 < boot.std() / float(res.stderr_tests) < 2.0
 
 
 def test_noise_ceiling_is_the_square_root_of_reliability_and_reachable():

@@ -54,7 +54,7 @@ import jax
 import numpy as np
 
 from kdaif_jax import config as config_lib
-from kdaif_jax import trainer
+from kdaif_jax import report, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKDIRS = ROOT / "bench" / "workdirs" / "accuracy_digits"
@@ -209,13 +209,9 @@ def run_one(args, noise: float, seed: int, label: str, teacher_init: str) -> dic
 
 def _memory_init_auroc(path: pathlib.Path):
   """AUROC of the teacher's scores that started the score memory (kdaif.memory_init)."""
-  if not path.exists():
-    return None
-  for line in path.read_text().splitlines():
-    r = json.loads(line)
-    if r.get("kind") == "scoring" and r.get("phase") == "memory_init":
-      return r.get("auroc")
-  return None
+  records, _ = report.read_metrics(str(path))
+  found = [r for r in records if r["kind"] == "scoring" and r.get("phase") == "memory_init"]
+  return found[0].get("auroc") if found else None
 
 
 def _kdaif_drift(wd: pathlib.Path, cfg) -> list[str]:

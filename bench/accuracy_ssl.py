@@ -43,7 +43,7 @@ import _common  # bench/_common.py
 import numpy as np
 
 from kdaif_jax import config as config_lib
-from kdaif_jax import trainer
+from kdaif_jax import report, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARMS = ("labelled_only", "pseudo_label", "online", "joint", "fixmatch")
@@ -119,19 +119,12 @@ def run_one(args, seed: int, arm: str, teacher_init: str) -> dict:
 
 
 def _pseudo_label_accuracy(path: pathlib.Path) -> dict:
-  """Epoch means of the teacher's pseudo-label accuracy: first and last student epoch."""
-  by: dict[int, list[float]] = {}
-  for line in path.read_text().splitlines():
-    try:
-      r = json.loads(line)
-    except ValueError:
-      continue
-    if r.get("kind") == "train" and r.get("phase") == "student" and "pseudo_label_accuracy" in r:
-      by.setdefault(int(r["epoch"]), []).append(float(r["pseudo_label_accuracy"]))
+  """The teacher's pseudo-label accuracy in the first and the last student epoch."""
+  by = report.pseudo_label_by_epoch(report.read_metrics(str(path))[0])
   if not by:
     return {}
   first, last = min(by), max(by)
-  return {"first_epoch": float(np.mean(by[first])), "last_epoch": float(np.mean(by[last]))}
+  return {"first_epoch": by[first], "last_epoch": by[last]}
 
 
 def main():

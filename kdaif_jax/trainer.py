@@ -24,7 +24,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdaif_jax import checkpoint, data, loop, metrics, models, optim, parallel, results, scoring
+from kdaif_jax import (
+  checkpoint,
+  data,
+  loop,
+  metrics,
+  models,
+  online,
+  optim,
+  parallel,
+  results,
+  scoring,
+)
 from kdaif_jax import config as config_lib
 from kdaif_jax import ssl as ssl_lib
 from kdaif_jax import step as step_lib
@@ -231,8 +242,9 @@ def _score_into(run: loop.Run, scorer, state: step_lib.TrainState, epoch: int, l
 
 def _teacher_memory(run: loop.Run, state: step_lib.TrainState) -> step_lib.TrainState:
   """``kdaif.memory_init="teacher"``: every example's score memory starts from the
-  teacher's whole-set influence, standardised over the set as ``online.remember``
-  standardises a batch, with one visit counted (none where a score is not finite)."""
+  teacher's whole-set influence, as if the whole set were one batch seen for the
+  first time (``online.remember``), with one visit counted (none, and memory 0,
+  where a score is not finite)."""
   scorer = scoring.make_teacher_scorer(
     run.teacher, run.prepare, config_lib.scorer_options(run.cfg), run.mesh
   )
@@ -240,9 +252,10 @@ def _teacher_memory(run: loop.Run, state: step_lib.TrainState) -> step_lib.Train
   ok = np.isfinite(scores)
   if not ok.all():
     log.warning("memory_init: %d of the teacher's scores are not finite", int((~ok).sum()))
-  std = float(np.std(scores[ok])) if ok.any() else 0.0
-  z = np.where(ok, scores / (std if std > 0 else 1.0), 0.0).astype(np.float32)
-  state = state.replace(score_memory=jnp.asarray(z), score_visits=jnp.asarray(ok, jnp.float32))
+  never = jnp.zeros(scores.shape, jnp.float32)
+  z = online.remember(jnp.asarray(scores, jnp.float32), never, never, beta=0.0)
+  z = jnp.where(jnp.asarray(ok), z, 0.0)
+  state = state.replace(score_memory=z, score_visits=jnp.asarray(ok, jnp.float32))
   return parallel.replicate(state, run.mesh)
 
 

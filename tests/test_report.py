@@ -293,6 +293,31 @@ def test_read_metrics_keeps_the_last_line_and_skips_broken_ones(tmp_path):
   assert report.read_metrics(str(tmp_path / "none.jsonl")) == ([], ["none.jsonl not found"])
 
 
+def test_pseudo_label_by_epoch_averages_each_student_epoch():
+  def train(phase, step, epoch, acc=None):
+    rec = {"kind": "train", "phase": phase, "step": step, "epoch": epoch, "loss": 1.0}
+    return rec if acc is None else {**rec, "pseudo_label_accuracy": acc}
+
+  records = [
+    train("teacher", 1, 0, 0.1),  # not the student phase
+    train("student", 1, 0, 0.5),
+    train("student", 2, 0, 0.7),
+    {"kind": "eval", "phase": "student", "net": "student", "split": "val", "step": 2, "epoch": 1},
+    train("student", 3, 1, 0.9),
+    train("student", 4, 1, "nan"),  # a non-finite log line does not poison the epoch
+    train("student", 5, 2),  # a step without the statistic
+  ]
+  by = report.pseudo_label_by_epoch(records)
+  assert list(by) == [0, 1]
+  np.testing.assert_allclose([by[0], by[1]], [0.6, 0.9])
+  assert report.pseudo_label_by_epoch([train("student", 1, 0)]) == {}
+  assert np.isnan(
+    report.pseudo_label_by_epoch([train("student", 1, 3, None) | {"pseudo_label_accuracy": None}])[
+      3
+    ]
+  )
+
+
 def test_flops_from_config_alone_use_the_data_facts(tmp_path):
   # No predictions.npz: the input shape and class count come from kdaif_jax.data.
   cfg = {"data": {"name": "digits"}, "teacher": {"model": "mlp"}, "student": {"model": "mlp"}}

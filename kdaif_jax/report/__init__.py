@@ -37,7 +37,7 @@ Definitions:
 
 from kdaif_jax.metrics import expected_calibration_error, per_class_accuracy
 from kdaif_jax.report.cost import forward_flops
-from kdaif_jax.report.workdir import read_metrics
+from kdaif_jax.report.workdir import pseudo_label_by_epoch, read_metrics
 from kdaif_jax.report.write import main, write_report
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
   "forward_flops",
   "main",
   "per_class_accuracy",
+  "pseudo_label_by_epoch",
   "read_metrics",
   "write_report",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 from kdaif_jax import metrics
 from kdaif_jax.report import plots
 from kdaif_jax.report.render import fmt, num, pct, thousands
-from kdaif_jax.report.workdir import Context
+from kdaif_jax.report.workdir import Context, pseudo_label_by_epoch
 
 
 def _series(records: list[dict], kind: str, phase: str, net: str | None, split: str | None):
@@ -76,18 +76,14 @@ def _curve_lines(
 def _pseudo_label_line(records: list[dict], offset: int) -> list[dict]:
   """SSL runs: the epoch mean of the teacher's pseudo-label accuracy on the
   unlabelled batches (against their hidden true labels), as a teacher line."""
-  by: dict[int, list[float]] = {}
-  for r in records:
-    if r.get("kind") == "train" and r.get("phase") == "student" and "pseudo_label_accuracy" in r:
-      by.setdefault(int(num(r.get("epoch", 0))) + 1, []).append(num(r["pseudo_label_accuracy"]))
+  by = pseudo_label_by_epoch(records)
   if not by:
     return []
-  xs = sorted(by)
   return [
     {
       "label": "teacher pseudo-labels (unlabelled, hidden truth)",
-      "x": [e + offset for e in xs],
-      "accuracy": [float(np.nanmean(by[e])) for e in xs],
+      "x": [e + 1 + offset for e in by],
+      "accuracy": list(by.values()),
       "color": "tab:green",
       "ls": "-.",
     }

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from kdaif_jax.report.render import num
+
 _WEIGHT_COLUMNS = ("id", "label", "clean_label", "noisy", "influence", "weight")
 
 
@@ -49,6 +51,25 @@ def read_metrics(path: str) -> tuple[list[dict], list[str]]:
       records.pop(key, None)
       records[key] = rec
   return list(records.values()), problems
+
+
+def pseudo_label_by_epoch(records: list[dict]) -> dict[int, float]:
+  """SSL runs: the teacher's pseudo-label accuracy on the unlabelled batches
+  (against the hidden true labels the splits keep for analysis), per student epoch.
+
+  Args:
+    records: metrics.jsonl records (``read_metrics``).
+
+  Returns:
+    {epoch (0-based): mean over the epoch's logged student steps} in epoch order;
+    empty for a run that logged none (supervised runs).
+  """
+  by: dict[int, list[float]] = {}
+  for r in records:
+    if r.get("kind") == "train" and r.get("phase") == "student" and "pseudo_label_accuracy" in r:
+      v = num(r["pseudo_label_accuracy"])
+      by.setdefault(int(num(r.get("epoch", 0))), []).extend([v] if np.isfinite(v) else [])
+  return {e: float(np.mean(by[e])) if by[e] else float("nan") for e in sorted(by)}
 
 
 class Files:

@@ -26,6 +26,13 @@ split-half reliability of ONE retraining (Var f / Var y for Pearson), and the
 best possible correlation of any function of S with one retraining is
 √r_t. No Spearman-Brown step-up is applied: the target is a single
 retraining, not the mean of two. ``noise_ceiling`` reports mean_t √max(r_t, 0).
+
+The LDS depends on m, not only through its spread: the sample Spearman
+correlation of m points is biased toward 0, E[r_S] = ((m − 2)·ρ_S + 3·τ)/(m + 1)
+(Kendall; ρ_S and τ the population Spearman and Kendall correlations). Near
+ρ_S ≈ 0.96 that is about −0.008 at m = 50 and −0.002 at m = 200 (a bivariate
+normal simulation agrees to 1e-4), so compare LDS figures at the same m
+(bench/lds.py ``--blocks`` measures it).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from sklearn.datasets import load_digits
 
 from kdaif_jax import influence, lds, losses, metrics, models, online
@@ -193,19 +194,25 @@ def power_max_eig(matvec, like, iters=20):
   return lam
 
 
-def influence_scores(task, params, data, method, args):
+def influence_scores(task, params, data, method, args, apply=None):
   """Scores I [N, T] of one method (the library pipeline) and the seconds it took.
 
   Scope "blocks": the curvature's layer-diagonal blocks (the structure K-FAC and
   EK-FAC approximate, here exact): one solve per top-level params entry, the
-  entries' scores summed.
+  entries' scores summed. "leaves": the same with one block per parameter array
+  (a layer's kernel and bias apart).
   """
   scope = method[0]
+  if scope == "leaves":  # the params as a flat dict, so that each array is an entry
+    flat = traverse_util.flatten_dict(params, sep="/")
+    nested = make_model(task)[1]
+    unflat = lambda fp, x: nested(traverse_util.unflatten_dict(fp, sep="/"), x)
+    return influence_scores(task, flat, data, ("blocks", *method[1:]), args, unflat)
   if scope == "blocks":
-    parts = [influence_scores(task, params, data, ((k,), *method[1:]), args) for k in params]
+    parts = [influence_scores(task, params, data, ((k,), *method[1:]), args, apply) for k in params]
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
   (x, y), (xt, yt), _ = data
-  _, apply = make_model(task)
+  apply = apply or make_model(task)[1]
   scope, curvature, solver, damping, iters = method
   # The CNN's curvature on a sample of the training set, as the whole-set scorer does.
   ncurv = 250 if task == "cnn_small" and scope != "head" else N_TRAIN
@@ -285,6 +292,9 @@ def methods_for(task, quick, hessian=False, dampings=None):
   if task != "logreg":  # K-FAC's block structure with exact blocks (logistic regression: 1)
     out += [
       (f"layer blocks GN-CG λ={d:g}, {it} it.", ("blocks", "ggn", "cg", d, it)) for d in dampings
+    ]
+    out += [
+      (f"array blocks GN-CG λ={d:g}, {it} it.", ("leaves", "ggn", "cg", d, it)) for d in dampings
     ]
   return out
 

@@ -107,6 +107,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.mechanism", MECHANISMS)
   if text and data.glue.is_regression(cfg.data.name) and cfg.kdaif.mechanism == "joint":
     _fail(f"{k}.mechanism", "joint", "any but joint for regression (its pseudo-labels are classes)")
+  if cfg.kdaif.mechanism == "oracle" and not cfg.data.noise.rate > 0:
+    _fail(f"{k}.mechanism", "oracle", "any but oracle without injected noise (data.noise.rate 0)")
   _choice(cfg, f"{k}.weights", weights.MAPS)
   _choice(cfg, f"{k}.curvature", influence.CURVATURES)
   _choice(cfg, f"{k}.solver", influence.SOLVERS)

@@ -14,7 +14,7 @@ from kdaif_jax.influence import SolverOptions
 from kdaif_jax.losses import KDOptions
 from kdaif_jax.weights import WeightMap
 
-MECHANISMS = ("none", "static", "periodic", "online", "joint", "small_loss")
+MECHANISMS = ("none", "static", "periodic", "online", "joint", "small_loss", "oracle")
 SCOPES = ("all", "head")
 
 __all__ = [
@@ -56,8 +56,14 @@ class Mechanism(NamedTuple):
 
   @property
   def frozen_weights(self) -> bool:
-    """Per-example weights from a whole-set scoring, gathered per batch."""
-    return self.name in ("static", "periodic")
+    """Per-example weights fixed outside the step (a whole-set scoring, or the
+    oracle's flip mask), gathered per batch."""
+    return self.name in ("static", "periodic", "oracle")
+
+  @property
+  def oracle(self) -> bool:
+    """Benchmark reference: weight 0 on the injected flipped labels (``weights.oracle``)."""
+    return self.name == "oracle"
 
   @property
   def proxy(self) -> bool:

@@ -58,6 +58,8 @@ def finish(
   mech = run.mechanism
   if mech.plain:
     infl, w = final_scores, np.ones_like(final_scores)
+  elif mech.oracle:  # its weights come from the flips, not from influence
+    infl, w = final_scores, parallel.to_host(state.last_weights)
   elif mech.small_loss:  # its scores are losses, not influence
     infl, w = final_scores, parallel.to_host(state.last_weights)
   else:

@@ -39,6 +39,7 @@ from kdaif_jax import (
 from kdaif_jax import config as config_lib
 from kdaif_jax import ssl as ssl_lib
 from kdaif_jax import step as step_lib
+from kdaif_jax import weights as weights_lib
 from kdaif_jax.data import augment
 from kdaif_jax.logs import MetricsWriter, log, setup_logging
 from kdaif_jax.loop import PhaseTime, StepFns
@@ -286,6 +287,10 @@ def _student_phase(
     tea = state.teacher
     fresh = parallel.replicate(_joint_tx(run).init(tea.params), run.mesh)
     state = state.replace(teacher=tea.replace(opt_state=fresh))
+  if mech.oracle:  # a benchmark reference: the injected flips, known to the run
+    w = np.asarray(weights_lib.oracle(run.scored.noisy))  # two buffers: the step donates both
+    state = state.replace(example_weights=jnp.asarray(w), last_weights=jnp.asarray(w))
+    state = parallel.replicate(state, run.mesh)
   state, ckpt, elapsed = loop.restore_or(run, "student", state)
   if cfg.kdaif.memory_init == "teacher":
     if not (mech.online and cfg.kdaif.score_memory > 0):

@@ -39,6 +39,7 @@ __all__ = [
   "moments",
   "none",
   "num_nonfinite",
+  "oracle",
   "sigmoid",
   "small_loss",
 ]
@@ -311,6 +312,30 @@ def small_loss(
     return _masked_normalise_log(jax.nn.log_sigmoid(z), finite, count, axis_name)
 
   return _guarded(losses, exact, robust, axis_name)
+
+
+def oracle(noisy: jax.Array) -> jax.Array:
+  """The oracle reference for benchmarks: the weights a perfect detector would give.
+
+  w_i = 0 where example i's label was flipped by the injected noise, 1 elsewhere,
+  scaled to mean 1. Only synthetic noise has the flip mask; a method that matches
+  this arm has nothing left to gain from finding the flipped labels.
+
+  Args:
+    noisy: [N] bool, True where the training label was flipped.
+
+  Returns:
+    [N] float32 weights with mean 1 (all ones if every label was flipped or none).
+
+  Raises:
+    ValueError: ``noisy`` is not 1-D or is empty.
+  """
+  noisy = jnp.asarray(noisy)
+  if noisy.ndim != 1 or noisy.size == 0:
+    raise ValueError(f"noisy must be a non-empty 1-D mask, got shape {noisy.shape}")
+  clean = (~noisy.astype(bool)).astype(jnp.float32)
+  mean = jnp.mean(clean)
+  return jnp.where(mean > 0, clean / jnp.where(mean > 0, mean, 1.0), 1.0)
 
 
 def get(name: str) -> Callable[..., jax.Array]:

@@ -430,7 +430,7 @@ def test_no_source_file_over_450_lines():
 # Config -> records
 # --------------------------------------------------------------------------
 
-FLAGS = ("plain", "online", "joint", "frozen_weights", "proxy", "rescores", "small_loss")
+FLAGS = ("plain", "online", "joint", "frozen_weights", "proxy", "rescores", "small_loss", "oracle")
 EXPECTED = {
   "none": {"plain"},
   "static": {"frozen_weights", "proxy"},
@@ -438,6 +438,7 @@ EXPECTED = {
   "online": {"online"},
   "joint": {"online", "joint"},
   "small_loss": {"small_loss"},
+  "oracle": {"frozen_weights", "oracle"},
 }
 
 
@@ -446,6 +447,7 @@ def test_step_options_from_config():
   for name in config.MECHANISMS:
     cfg = config.base_config()
     cfg.kdaif.mechanism = name
+    cfg.data.noise.rate = 0.2  # the oracle weighs by the injected flips
     cfg.kdaif.cg_iters = 7
     cfg.kdaif.damping = 0.25
     cfg.kdaif.curvature = "hessian"

@@ -222,6 +222,35 @@ def test_memory_init_teacher_is_refused_in_semi_supervised_runs():
     config_lib.validate(cfg)
 
 
+def test_oracle_weighs_out_exactly_the_flipped_labels(tmp_path):
+  cfg = tiny(load_config("digits_asym"), "oracle")
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  rows = read_csv(tmp_path / "weights.csv")
+  noisy = np.array([r["noisy"] in ("1", "True", "true") for r in rows])
+  w = np.array([float(r["weight"]) for r in rows])
+  assert 0 < noisy.sum() < len(rows)
+  np.testing.assert_array_equal(w[noisy], 0.0)
+  np.testing.assert_allclose(w[~noisy], len(rows) / (~noisy).sum(), rtol=1e-5)  # CSV: 6 digits
+  assert summary["mechanism"] == "oracle" and summary["student"]["test_accuracy"] > 0
+  # The step sees the frozen weights: its logged batch weights are 0 or the clean weight.
+  student = [
+    r
+    for r in read_jsonl(tmp_path / "metrics.jsonl")
+    if r["kind"] == "train" and r["phase"] == "student"
+  ]
+  assert all(r["w_min"] == 0.0 or r["w_min"] > 1.0 for r in student)
+  from kdaif_jax import report
+
+  report.write_report(str(tmp_path))
+  text = (tmp_path / "report" / "report.md").read_text()
+  assert "The oracle (`oracle`): weights from the injected flips, no influence (0%)." in text
+  cfg.data.noise.rate = 0.0
+  with pytest.raises(
+    ValueError, match=r"config\.kdaif\.mechanism='oracle' .*allowed: any but oracle"
+  ):
+    config_lib.validate(cfg)
+
+
 def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path):
   # kdaif.joint.every = 2 keeps half-accumulated teacher gradients in the state;
   # a checkpoint at an odd step must restore them (optax.MultiSteps' state).

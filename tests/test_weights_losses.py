@@ -156,6 +156,18 @@ def test_small_loss_hand_computed_and_monotone():
   assert np.all(np.isfinite(w)) and w[0] > w[2]
 
 
+def test_oracle_zeroes_the_flipped_labels_with_mean_one():
+  noisy = np.array([False, True, False, False, True])
+  w = np.asarray(weights.oracle(noisy))
+  np.testing.assert_allclose(w, [5 / 3, 0, 5 / 3, 5 / 3, 0], rtol=1e-6)
+  assert w.dtype == np.float32 and abs(w.mean() - 1.0) < 1e-6
+  np.testing.assert_array_equal(np.asarray(weights.oracle(np.ones(4, bool))), np.ones(4))
+  np.testing.assert_array_equal(np.asarray(weights.oracle(np.zeros(3, bool))), np.ones(3))
+  for bad in (np.zeros((2, 2), bool), np.zeros(0, bool)):
+    with pytest.raises(ValueError, match="noisy must be a non-empty 1-D mask"):
+      weights.oracle(bad)
+
+
 @pytest.mark.parametrize("name", ["sigmoid", "exp_minmax", "small_loss", "none"])
 def test_axis_name_under_vmap_equals_global_batch(name):
   fn = {"small_loss": weights.small_loss, **MAPS}[name]

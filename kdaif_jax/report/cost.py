@@ -94,6 +94,8 @@ def _influence_share(c: Context) -> str:
   wall = s.get("wall_time_s") or {}
   if mech == "none":
     return "Plain KD (`none`): no influence during training (0%)."
+  if mech == "oracle":
+    return "The oracle (`oracle`): weights from the injected flips, no influence (0%)."
   if mech in ("static", "periodic"):
     secs = sum(num(r.get("seconds")) for r in c.records if r.get("kind") == "scoring")
     if not secs or not wall:

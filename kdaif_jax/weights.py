@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from kdaif_jax import _checks
 
-MAPS = ("sigmoid", "exp_minmax", "none")
+MAPS = ("sigmoid", "sigmoid_down", "exp_minmax", "none")
 
 __all__ = [
   "MAPS",
@@ -41,6 +41,7 @@ __all__ = [
   "num_nonfinite",
   "oracle",
   "sigmoid",
+  "sigmoid_down",
   "small_loss",
 ]
 
@@ -207,18 +208,48 @@ def sigmoid(
     ValueError: ``scores`` not a non-empty 1-D vector; τ ≤ 0 or non-finite
       (it would swap helpful and harmful, or divide by zero); ε < 0.
   """
+  return _sigmoid_map(scores, temperature, eps, axis_name, cap=False)
+
+
+def sigmoid_down(
+  scores: jax.Array, *, temperature: float = 1.0, eps: float = 1e-8, axis_name: str | None = None
+) -> jax.Array:
+  """w_i = min(1, 2σ(−I_i / (τ·std_B(I) + ε))), divided by its batch mean.
+
+  ``sigmoid`` without the up-weighting: every helpful example (I_i ≤ 0) gets the
+  same weight, only harmful ones are down-weighted, as a perfect detector of bad
+  labels (``oracle``) would weigh them. Non-finite scores get weight 0 (see the
+  module docstring).
+
+  Args:
+    scores, temperature, eps, axis_name: as in ``sigmoid``.
+
+  Returns:
+    [B] weights with mean 1 (over the finite scores).
+
+  Raises:
+    ValueError: as ``sigmoid``.
+  """
+  return _sigmoid_map(scores, temperature, eps, axis_name, cap=True)
+
+
+def _sigmoid_map(scores, temperature, eps, axis_name, cap: bool) -> jax.Array:
   _check_map(scores, "scores", temperature, eps)
+  # log σ(z) ≤ log ½ exactly where z ≤ 0: the cap at 2σ = 1 (the 2 cancels).
+  log_w = (
+    (lambda z: jnp.minimum(jax.nn.log_sigmoid(z), -jnp.log(2.0))) if cap else jax.nn.log_sigmoid
+  )
 
   def exact(x):
     _, std = moments(x, axis_name)
     z = -x / (temperature * std + eps)
-    return _normalise_log(jax.nn.log_sigmoid(z), axis_name)
+    return _normalise_log(log_w(z), axis_name)
 
   def robust(x, finite, count, peak):
     xs = _scale_down(jnp.where(finite, x, 0.0), peak)
     _, std = _masked_moments(xs, finite, count, axis_name)
     z = -xs / _safe_scale(temperature * std, eps, peak)
-    return _masked_normalise_log(jax.nn.log_sigmoid(z), finite, count, axis_name)
+    return _masked_normalise_log(log_w(z), finite, count, axis_name)
 
   return _guarded(scores, exact, robust, axis_name)
 
@@ -341,14 +372,15 @@ def oracle(noisy: jax.Array) -> jax.Array:
 def get(name: str) -> Callable[..., jax.Array]:
   """The weight map called ``name`` (one of ``MAPS``)."""
   _checks.check_choice(name, "weights", MAPS)
-  return {"sigmoid": sigmoid, "exp_minmax": exp_minmax, "none": none}[name]
+  maps = {"sigmoid": sigmoid, "sigmoid_down": sigmoid_down, "exp_minmax": exp_minmax}
+  return maps.get(name, none)
 
 
 class WeightMap(NamedTuple):
   """A weight map with its options: ``WeightMap("sigmoid", 0.5)(scores)``.
 
   name: one of ``MAPS``.
-  temperature: τ of ``sigmoid`` (the other maps take none).
+  temperature: τ of ``sigmoid`` and ``sigmoid_down`` (the other maps take none).
   """
 
   name: str = "sigmoid"
@@ -356,5 +388,5 @@ class WeightMap(NamedTuple):
 
   def __call__(self, scores: jax.Array, axis_name: str | None = None) -> jax.Array:
     """[B] weights with mean 1 of the [B] influence ``scores`` (see the named map)."""
-    kwargs = {"temperature": self.temperature} if self.name == "sigmoid" else {}
+    kwargs = {"temperature": self.temperature} if self.name.startswith("sigmoid") else {}
     return get(self.name)(scores, axis_name=axis_name, **kwargs)

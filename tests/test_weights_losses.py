@@ -9,7 +9,12 @@ import pytest
 
 from kdaif_jax import losses, weights
 
-MAPS = {"sigmoid": weights.sigmoid, "exp_minmax": weights.exp_minmax, "none": weights.none}
+MAPS = {
+  "sigmoid": weights.sigmoid,
+  "sigmoid_down": weights.sigmoid_down,
+  "exp_minmax": weights.exp_minmax,
+  "none": weights.none,
+}
 RNG_SCORES = np.random.default_rng(0).normal(size=128).astype(np.float32) * 3e-3
 
 
@@ -73,10 +78,13 @@ def test_extreme_inputs_stay_finite_and_ordered(name, scores):
   assert abs(w.mean() - 1.0) < 1e-6
   if name != "none" and np.ptp(scores) > 1.0:  # (for tiny spreads ε makes all weights 1)
     # the most helpful (most negative I) example weighs more than the most harmful
-    assert w[int(np.argmin(scores))] > w[int(np.argmax(scores))]
+    if name == "sigmoid_down" and max(scores) <= 0:  # no harmful example: all alike
+      np.testing.assert_allclose(w, 1.0)
+    else:
+      assert w[int(np.argmin(scores))] > w[int(np.argmax(scores))]
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "exp_minmax"])
+@pytest.mark.parametrize("name", ["sigmoid", "exp_minmax"])  # sigmoid_down ties the helpful
 def test_monotone_more_negative_influence_gets_larger_weight(name):
   s = RNG_SCORES[:32]
   w = np.asarray(MAPS[name](jnp.asarray(s)))
@@ -84,6 +92,22 @@ def test_monotone_more_negative_influence_gets_larger_weight(name):
   assert np.all(np.diff(w[order]) <= 1e-7)  # non-increasing in I
   assert w[order[0]] > 1.0 > w[order[-1]]
   assert len(np.unique(w)) > 16  # not flat
+
+
+def test_sigmoid_down_caps_the_helpful_examples_at_one_weight():
+  scores = np.array([-2.0, -0.5, 0.1, 0.8, 1.5])
+  std = scores.std()
+  for temperature in (1.0, 0.25):
+    raw = np.minimum(1.0, 2.0 / (1.0 + np.exp(scores / (temperature * std))))
+    got = np.asarray(
+      weights.sigmoid_down(jnp.asarray(scores, jnp.float32), temperature=temperature)
+    )
+    np.testing.assert_allclose(got, raw / raw.mean(), rtol=1e-5)
+    assert got[0] == got[1] and got[1] > got[2] > got[3] > got[4] > 0
+  w = weights.WeightMap("sigmoid_down", 0.25)(jnp.asarray(scores, jnp.float32))
+  np.testing.assert_allclose(np.asarray(w), got, rtol=1e-6)  # τ reaches the map
+  # Every score helpful: all alike; the uncapped map would spread them.
+  np.testing.assert_allclose(np.asarray(weights.sigmoid_down(jnp.asarray(-np.abs(scores)))), 1.0)
 
 
 def test_sigmoid_hand_computed_three_examples():
@@ -186,7 +210,8 @@ def test_get_and_unknown_name():
   assert weights.get("sigmoid") is weights.sigmoid
   assert weights.get("exp_minmax") is weights.exp_minmax
   assert weights.get("none") is weights.none
-  with pytest.raises(ValueError, match="sigmoid, exp_minmax, none"):
+  assert weights.get("sigmoid_down") is weights.sigmoid_down
+  with pytest.raises(ValueError, match="sigmoid, sigmoid_down, exp_minmax, none"):
     weights.get("softmax")
 
 

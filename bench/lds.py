@@ -270,7 +270,7 @@ def influence_scores(task, params, data, method, args, apply=None):
   return np.concatenate(out).T, time.perf_counter() - t0
 
 
-def methods_for(task, quick, hessian=False, dampings=None):
+def methods_for(task, quick, hessian=False, dampings=None, array_blocks=False):
   """(label, (scope, curvature, solver, damping, iterations)) of the methods compared.
 
   ``dampings`` replaces the task's GN-CG damping sweep when given.
@@ -289,10 +289,11 @@ def methods_for(task, quick, hessian=False, dampings=None):
     out += [
       (f"last layer GN-CG λ={d:g}, {it} it.", ("head", "ggn", "cg", d, it)) for d in (1e-3, 1e-2)
     ]
-  if task != "logreg":  # K-FAC's block structure with exact blocks (logistic regression: 1)
+  if task != "logreg" and not quick:  # K-FAC's block structure, exact blocks (logreg: one)
     out += [
       (f"layer blocks GN-CG λ={d:g}, {it} it.", ("blocks", "ggn", "cg", d, it)) for d in dampings
     ]
+  if task != "logreg" and array_blocks:  # finer: measured worse (BENCHMARKS.md §5), on request
     out += [
       (f"array blocks GN-CG λ={d:g}, {it} it.", ("leaves", "ggn", "cg", d, it)) for d in dampings
     ]
@@ -321,7 +322,8 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   data = (train, (xt[:nt], yt[:nt]), val)
   _, apply = make_model(task)
   rec["whole_model_test_accuracy"] = float(jnp.mean(jnp.argmax(apply(whole, xt), -1) == yt))
-  for label, method in methods_for(task, args.quick, args.hessian, args.dampings):
+  array_blocks = "array blocks" in args.methods
+  for label, method in methods_for(task, args.quick, args.hessian, args.dampings, array_blocks):
     if args.methods and not any(part in label for part in args.methods.split(",")):
       continue
     scores, secs = influence_scores(task, whole, data, method, args)

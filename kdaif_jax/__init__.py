@@ -2,7 +2,8 @@
 
 Public API:
   influence  hvp, gnvp, cg_solve, lissa, scores, batch_influence (pure pytree maths)
-  weights    influence -> per-example weights (sigmoid, exp_minmax, none)
+  weights    influence -> per-example weights (sigmoid, sigmoid_down, exp_minmax, none;
+             small_loss, the oracle reference)
   losses     per-example CE and KD losses ([B] each)
   lds        linear datamodeling score of an attribution, its split-half noise ceiling
   self_influence  I_ii = ∇ℓ_iᵀ (C + λI)⁻¹ ∇ℓ_i for every example (dense factor, small P)

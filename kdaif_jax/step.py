@@ -49,7 +49,7 @@ class TrainState:
   key: uint32 raw PRNG key data of the run (``jax.random.key_data``).
   student, teacher: ``NetState``s.
   s: CG warm start / cached (C + λI)⁻¹ g_V, like student params.
-  example_weights: [N] frozen per-example weights (static/periodic; ones otherwise).
+  example_weights: [N] frozen per-example weights (static/periodic/oracle; ones otherwise).
   last_scores, last_weights: [N] influence and weight each training example
     got the last time it was scored (what weights.csv records).
   solve_stats: [3] float32 iterations, relative residual and negative-curvature
@@ -202,7 +202,7 @@ def make_kd_step(
   Returns:
     ``step(state, batch, val) -> (state, metrics, (scores [b], weights [b],
     memory [b]))`` per device. batch: images, labels, noisy [b] (analysis
-    only), weights [b] (frozen per-example weights; used by static/periodic),
+    only), weights [b] (frozen per-example weights; used by static/periodic/oracle),
     optionally memory and visits [b] (``online.remember``; returned updated,
     or unchanged when unused). val: images, labels.
   """
@@ -237,7 +237,7 @@ def make_kd_step(
       w = weights_lib.small_loss(
         scores, temperature=opts.influence.weights.temperature, axis_name=axis_name
       )
-    elif mech.frozen_weights:  # static / periodic: frozen weights gathered per example
+    elif mech.frozen_weights:  # static / periodic / oracle: frozen weights gathered per example
       scores = jnp.zeros_like(y, jnp.float32)
       w = batch["weights"]
     else:  # none: plain KD
@@ -246,6 +246,9 @@ def make_kd_step(
     w = jax.lax.stop_gradient(w)
     # Σwℓ/Σw over the global batch: local mean(wℓ) / global mean(w), then pmean.
     denom = pmean(jnp.mean(w), axis_name)
+    # A batch whose every weight is 0 (the oracle on a batch of flipped labels) is
+    # a step with zero loss and gradient, not 0/0.
+    denom = jnp.where(denom > 0, denom, 1.0)
 
     def student_loss(p):
       logits, ms = student.apply(p, stu.model_state, x, True)

@@ -155,6 +155,7 @@ def test_cg_and_identity_diverged_is_not_finite_and_solveinfo_stays_positional()
 
 MAPS = {
   "sigmoid": weights.sigmoid,
+  "sigmoid_down": weights.sigmoid_down,
   "exp_minmax": weights.exp_minmax,
   "small_loss": weights.small_loss,
 }
@@ -289,7 +290,19 @@ def old_small_loss(losses, *, temperature=1.0, eps=1e-8, axis_name=None):
   return old_normalise_log(jax.nn.log_sigmoid(z), axis_name)
 
 
-OLD = {"sigmoid": old_sigmoid, "exp_minmax": old_exp_minmax, "small_loss": old_small_loss}
+def old_sigmoid_down(scores, *, temperature=1.0, eps=1e-8, axis_name=None):
+  # The plain formula of sigmoid_down: min(1, 2σ(z)) in log space (the 2 cancels).
+  _, std = old_moments(scores, axis_name)
+  z = -scores / (temperature * std + eps)
+  return old_normalise_log(jnp.minimum(jax.nn.log_sigmoid(z), -jnp.log(2.0)), axis_name)
+
+
+OLD = {
+  "sigmoid": old_sigmoid,
+  "sigmoid_down": old_sigmoid_down,
+  "exp_minmax": old_exp_minmax,
+  "small_loss": old_small_loss,
+}
 
 
 def assert_bits_equal(a, b):

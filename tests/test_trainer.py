@@ -244,6 +244,23 @@ def test_oracle_weighs_out_exactly_the_flipped_labels(tmp_path):
   report.write_report(str(tmp_path))
   text = (tmp_path / "report" / "report.md").read_text()
   assert "The oracle (`oracle`): weights from the injected flips, no influence (0%)." in text
+  assert "the oracle's weight (the flip mask itself)" in text  # its AUROC 1 is by construction
+
+
+def test_oracle_survives_a_batch_of_only_flipped_labels(tmp_path):
+  # Every weight of such a batch is 0: a step with zero loss, not 0/0 (a NaN stop).
+  cfg = tiny(load_config("digits_noisy"), "oracle")
+  cfg.data.noise.update(rate=0.9, kind="symmetric")
+  cfg.batch_size = 2
+  summary = trainer.train_and_evaluate(cfg, str(tmp_path))
+  student = [
+    r
+    for r in read_jsonl(tmp_path / "metrics.jsonl")
+    if r["kind"] == "train" and r["phase"] == "student"
+  ]
+  assert all(np.isfinite(r["loss"]) for r in student)
+  assert any(r["w_max"] == 0.0 for r in student)  # the case happened
+  assert summary["student"]["test_accuracy"] > 0
   cfg.data.noise.rate = 0.0
   with pytest.raises(
     ValueError, match=r"config\.kdaif\.mechanism='oracle' .*allowed: any but oracle"

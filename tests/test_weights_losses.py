@@ -192,7 +192,7 @@ def test_oracle_zeroes_the_flipped_labels_with_mean_one():
       weights.oracle(bad)
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "exp_minmax", "small_loss", "none"])
+@pytest.mark.parametrize("name", ["sigmoid", "sigmoid_down", "exp_minmax", "small_loss", "none"])
 def test_axis_name_under_vmap_equals_global_batch(name):
   fn = {"small_loss": weights.small_loss, **MAPS}[name]
   s = jnp.asarray(RNG_SCORES[:32]) * 300.0 + (2.0 if name == "small_loss" else 0.0)

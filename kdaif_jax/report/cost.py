@@ -84,7 +84,7 @@ def _flops_of(c: Context) -> dict:
 def _influence_share(c: Context) -> str:
   """How much of the student's training time went to influence, and how we know.
 
-  none: nothing. static/periodic: measured, the whole-set scorings' seconds
+  none, oracle: nothing. static/periodic: measured, the whole-set scorings' seconds
   (metrics.jsonl scoring lines) against the student-side time. online/joint: the
   influence runs inside every step, so only a comparison tells: 1 - rate/rate_plain
   with the steps/s of a plain-KD baseline's student (same architecture, batch size,

@@ -43,8 +43,10 @@ def explainability(c: Context) -> None:
   fi = fi if fi is not None and np.isfinite(fi).all() else None
   k = int(noisy.sum())
   signals = {}
+  oracle = c.cfg("kdaif.mechanism") == "oracle"
   if np.ptp(weight) > 0:  # plain KD: every weight 1, nothing to rank
-    signals["low training weight (`weight`)"] = -weight
+    name = "the oracle's weight (the flip mask itself)" if oracle else "low training weight"
+    signals[f"{name} (`weight`)"] = -weight
   if fi is not None:
     signals["high final influence (`final_influence`)"] = fi
   det = {name: metrics.detection_metrics(-score, noisy) for name, score in signals.items()}

@@ -67,8 +67,9 @@ def pseudo_label_by_epoch(records: list[dict]) -> dict[int, float]:
   by: dict[int, list[float]] = {}
   for r in records:
     if r.get("kind") == "train" and r.get("phase") == "student" and "pseudo_label_accuracy" in r:
-      v = num(r["pseudo_label_accuracy"])
-      by.setdefault(int(num(r.get("epoch", 0))), []).extend([v] if np.isfinite(v) else [])
+      v, epoch = num(r["pseudo_label_accuracy"]), num(r.get("epoch", 0))
+      if np.isfinite(epoch):
+        by.setdefault(int(epoch), []).extend([v] if np.isfinite(v) else [])
   return {e: float(np.mean(by[e])) if by[e] else float("nan") for e in sorted(by)}
 
 

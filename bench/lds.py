@@ -220,15 +220,11 @@ def influence_scores(task, params, data, method, args, apply=None):
     lambda p: apply(p, x[:ncurv]), lambda o: losses.cross_entropy(o, y[:ncurv])
   )
   full = influence.PerExampleLoss(lambda p: apply(p, x), lambda o: losses.cross_entropy(o, y))
-  sub = (
-    {k: params[k] for k in scope}
-    if isinstance(scope, tuple)
-    else online.scope_params(scope, params)
-  )
   if isinstance(scope, tuple):  # one block of "blocks"
+    sub = {k: params[k] for k in scope}
     restrict = lambda _, p, loss, val: influence.restrict(p, loss, val, scope)
   else:
-    restrict = online.scope_restrict
+    sub, restrict = online.scope_params(scope, params), online.scope_restrict
   t0 = time.perf_counter()
   scale = 1.0
   if solver == "lissa":

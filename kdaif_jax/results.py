@@ -58,9 +58,7 @@ def finish(
   mech = run.mechanism
   if mech.plain:
     infl, w = final_scores, np.ones_like(final_scores)
-  elif mech.oracle:  # its weights come from the flips, not from influence
-    infl, w = final_scores, parallel.to_host(state.last_weights)
-  elif mech.small_loss:  # its scores are losses, not influence
+  elif mech.small_loss or mech.oracle:  # weights from losses / the flips, not from influence
     infl, w = final_scores, parallel.to_host(state.last_weights)
   else:
     infl, w = parallel.to_host((state.last_scores, state.last_weights))

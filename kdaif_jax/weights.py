@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from kdaif_jax import _checks
 
 MAPS = ("sigmoid", "sigmoid_down", "exp_minmax", "none")
+_TEMPERED = ("sigmoid", "sigmoid_down")  # the maps that take τ
 
 __all__ = [
   "MAPS",
@@ -372,8 +373,8 @@ def oracle(noisy: jax.Array) -> jax.Array:
 def get(name: str) -> Callable[..., jax.Array]:
   """The weight map called ``name`` (one of ``MAPS``)."""
   _checks.check_choice(name, "weights", MAPS)
-  maps = {"sigmoid": sigmoid, "sigmoid_down": sigmoid_down, "exp_minmax": exp_minmax}
-  return maps.get(name, none)
+  maps = {"sigmoid": sigmoid, "sigmoid_down": sigmoid_down, "exp_minmax": exp_minmax, "none": none}
+  return maps[name]
 
 
 class WeightMap(NamedTuple):
@@ -388,5 +389,5 @@ class WeightMap(NamedTuple):
 
   def __call__(self, scores: jax.Array, axis_name: str | None = None) -> jax.Array:
     """[B] weights with mean 1 of the [B] influence ``scores`` (see the named map)."""
-    kwargs = {"temperature": self.temperature} if self.name.startswith("sigmoid") else {}
+    kwargs = {"temperature": self.temperature} if self.name in _TEMPERED else {}
     return get(self.name)(scores, axis_name=axis_name, **kwargs)

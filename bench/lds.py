@@ -102,15 +102,22 @@ def sq_norm(p):
 def make_trainer(
   init, apply, wd: float, lr: float, steps: int, batch: int | None, x, y, loop=False
 ):
-  """``train(idx [k], init_key, data_key) -> params``: one retraining on ``x[idx]``.
+  """``train(idx [k], init_key, data_key, w=None) -> params``: one retraining on ``x[idx]``.
 
+  ``w`` (optional, [N]): per-example weights, the loss Σ w_i ℓ_i / Σ w_i over each
+  batch, so that the trained parameters are a differentiable function of them
+  (bench/lds_probes.py's unrolled derivative; ``w = 1`` is the plain mean).
   ``loop``: the steps run from Python, each one jitted call, instead of in a
   ``lax.scan`` (XLA:CPU runs convolutions inside loop bodies ~20x slower).
   """
   opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
-  loss = lambda p, xb, yb: jnp.mean(losses.cross_entropy(apply(p, xb), yb)) + 0.5 * wd * sq_norm(p)
 
-  def step(carry, t, idx, data_key):
+  def loss(p, xb, yb, wb):
+    ce = losses.cross_entropy(apply(p, xb), yb)
+    data = jnp.mean(ce) if wb is None else jnp.sum(wb * ce) / jnp.sum(wb)
+    return data + 0.5 * wd * sq_norm(p)
+
+  def step(carry, t, idx, data_key, w=None):
     p, st = carry
     k = idx.shape[0]
     if batch is None:
@@ -118,13 +125,13 @@ def make_trainer(
     else:  # a fresh permutation each epoch, from this retraining's own data seed
       perm = jax.random.permutation(jax.random.fold_in(data_key, t // (k // batch)), k)
       b = idx[jax.lax.dynamic_slice(perm, ((t % (k // batch)) * batch,), (batch,))]
-    g = jax.grad(loss)(p, x[b], y[b])
+    g = jax.grad(loss)(p, x[b], y[b], None if w is None else w[b])
     upd, st = opt.update(g, st, p)
     return (optax.apply_updates(p, upd), st), None
 
-  def train(idx, init_key, data_key):
+  def train(idx, init_key, data_key, w=None):
     p = init(init_key)
-    body = lambda c, t: step(c, t, idx, data_key)
+    body = lambda c, t: step(c, t, idx, data_key, w)
     return jax.lax.scan(body, (p, opt.init(p)), jnp.arange(steps))[0][0]
 
   jstep = jax.jit(lambda c, t, idx, dk: step(c, t, idx, dk)[0])

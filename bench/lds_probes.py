@@ -1,0 +1,208 @@
+"""Two probes of the LDS shortfall: unrolled differentiation and a subset ensemble.
+
+Usage (from the repository root):
+    .venv/bin/python bench/lds_probes.py                       # both probes, logreg and MLP
+    .venv/bin/python bench/lds_probes.py --probes unrolled --tasks logreg --tests 60
+
+The full-batch protocol of bench/lds.py is deterministic: every subset is
+retrained from one shared initialisation by the same 500 full-batch Adam steps.
+Its first-order attribution is therefore exactly computable, without the
+influence function's assumption that training converged to an optimum:
+
+  unrolled   τ_it = ∂ ℓ_t(θ_T(w)) / ∂ w_i at w = 1, with θ_T(w) the parameters
+             after the T training steps on the weighted loss Σ w_i ℓ_i / Σ w_i
+             (reverse mode through the whole ``lax.scan``; Hara et al. 2019,
+             "Data cleansing for models trained with SGD"; Bae et al. 2024,
+             SOURCE). The bench's own trainer with ``w = 1`` is the whole-set
+             model bit for bit (checked and recorded).
+  ensemble   the influence scores (a bench/lds.py method) at K models, each
+             trained on its own random half of the training set by the same
+             protocol, standardised per test example and averaged, with and
+             without the whole-set model's scores (TRAK's ensembles over
+             subsets; Park et al. 2023). Not a single model: K more trainings.
+
+Both are compared with the same LDS ground truth (bench/results/lds_cache/, m = 50)
+and the whole-set model's influence on the same test examples. Writes
+bench/results/lds_probes.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+import types
+
+import _common
+import jax
+import jax.numpy as jnp
+import lds as bench  # bench/lds.py: data, models, trainers, ground truths, methods
+import numpy as np
+
+from kdaif_jax import lds, losses
+
+# The whole-set influence each probe is compared with: the task's best bench/lds.py
+# method at 30 iterations (BENCHMARKS.md §5).
+REFERENCE = {"logreg": ("all", "ggn", "cg", 1e-3, 100), "mlp": ("all", "ggn", "cg", 3e-3, 30)}
+
+
+def _lds(scores: np.ndarray, masks, truth) -> float:
+  return round(float(lds.lds(jnp.asarray(scores), masks, jnp.asarray(truth)).mean), 4)
+
+
+def unrolled(task: str, data, masks, truth, whole, nt: int, chunk: int) -> dict:
+  """LDS of the exact derivative of the full-batch training, and its magnitude."""
+  (x, y), (xt, yt), _ = data
+  cfg = bench.TASKS[task]
+  lr, steps, _ = cfg["full"]
+  init, apply = bench.make_model(task)
+  train = bench.make_trainer(init, apply, cfg["wd"], lr, steps, None, x, y)[1]
+  idx, key = jnp.arange(bench.N_TRAIN), jax.random.key(0)  # the protocol's shared init
+  trained = jax.jit(lambda w: train(idx, key, key, w))(jnp.ones(bench.N_TRAIN))
+  pairs = zip(jax.tree.leaves(trained), jax.tree.leaves(whole))
+  same = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
+
+  def test_losses(w, xs, ys):
+    return losses.cross_entropy(apply(train(idx, key, key, w), xs), ys)
+
+  jac = jax.jit(jax.jacrev(test_losses))
+  t0 = time.perf_counter()
+  rows = [
+    np.asarray(jac(jnp.ones(bench.N_TRAIN), xt[a : a + chunk], yt[a : a + chunk]))
+    for a in range(0, nt, chunk)
+  ]
+  seconds = time.perf_counter() - t0
+  scores = np.concatenate(rows).T  # [N, nt]
+  # A check of the reverse pass: central differences along random ±1 directions v of
+  # w (a change of one w_i alone is below float32's resolution of the test loss).
+  loss0 = jax.jit(lambda w: test_losses(w, xt[:1], yt[:1])[0])
+  checks = []
+  for j, eps in enumerate((1e-3, 1e-2, 1e-1)):
+    v = jax.random.rademacher(jax.random.key(j), (bench.N_TRAIN,), jnp.float32)
+    fd = (float(loss0(1 + eps * v)) - float(loss0(1 - eps * v))) / (2 * eps)
+    jv = float(scores[:, 0] @ np.asarray(v))
+    checks.append({"eps": eps, "reverse": jv, "central_difference": fd})
+  rec = {
+    "lds": _lds(scores, masks, truth[:, :nt]),
+    "seconds": round(seconds, 1),
+    "max_abs_derivative": float(np.max(np.abs(scores))),
+    "median_abs_derivative": float(np.median(np.abs(scores))),
+    "whole_model_max_abs_difference": same,  # w = 1 retrains the whole-set model
+    "directional_check": checks,  # J v against (ℓ(1 + εv) − ℓ(1 − εv)) / 2ε
+  }
+  print(f"  {task} unrolled: LDS {rec['lds']} over {nt} tests ({seconds:.1f} s), "
+        f"|∂ℓ/∂w| up to {rec['max_abs_derivative']:.3g}", flush=True)  # fmt: skip
+  return rec
+
+
+def roughness(task: str, data) -> dict:
+  """Central differences of one test loss along one ±1 direction of w, in float64.
+
+  A smooth response converges as ε shrinks (and equals the forward-mode jvp); a
+  chaotic one (the trajectory's sensitivity exploding over the steps) does not.
+  """
+  (x, y), (xt, yt), _ = data
+  x, xt = x.astype(jnp.float64), xt.astype(jnp.float64)
+  cfg = bench.TASKS[task]
+  lr, steps, _ = cfg["full"]
+  init32, apply = bench.make_model(task)
+  init = lambda key: jax.tree.map(lambda a: a.astype(jnp.float64), init32(key))
+  train = bench.make_trainer(init, apply, cfg["wd"], lr, steps, None, x, y)[1]
+  idx, key = jnp.arange(bench.N_TRAIN), jax.random.key(0)
+  f = jax.jit(lambda w: losses.cross_entropy(apply(train(idx, key, key, w), xt[:1]), yt[:1])[0])
+  one = jnp.ones(bench.N_TRAIN, jnp.float64)
+  v = jax.random.rademacher(jax.random.key(0), (bench.N_TRAIN,), jnp.float64)
+  jvp = float(jax.jit(lambda w, v: jax.jvp(f, (w,), (v,))[1])(one, v))
+  diffs = {}
+  for e in range(1, 8):
+    eps = 10.0**-e
+    diffs[f"{eps:g}"] = (float(f(one + eps * v)) - float(f(one - eps * v))) / (2 * eps)
+  print(f"  {task} roughness: jvp {jvp:.6g}, central differences {diffs}", flush=True)
+  return {"jvp": jvp if np.isfinite(jvp) else str(jvp), "central_differences": diffs}
+
+
+def ensemble(task: str, protocol: str, data, masks, truth, whole, k: int, method) -> dict:
+  """LDS of influence averaged over K half-set models, as K grows."""
+  (x, y), _, _ = data
+  cfg = bench.TASKS[task]
+  lr, steps, batch = cfg[protocol]
+  init, apply = bench.make_model(task)
+  train_one = bench.make_trainer(init, apply, cfg["wd"], lr, steps, batch, x, y)[0]
+  args = types.SimpleNamespace(quick=False)
+  halves = lds.subset_indices(lds.sample_masks(jax.random.key(999), k, bench.N_TRAIN, 0.5))
+  standard = lambda s: s / np.std(s, axis=0, keepdims=True)  # per test example
+  whole_scores, whole_seconds = bench.influence_scores(task, whole, data, method, args)
+  rec = {"whole_model": _lds(whole_scores, masks, truth), "whole_seconds": round(whole_seconds, 1)}
+  rec.update(halves=[], halves_and_whole=[], whole_half_weight=[], single_half=[], seconds=[])
+  base, acc, t0 = jax.random.key(0), [], time.perf_counter()
+  for j in range(k):
+    # full: the protocol's one shared init; seeded: each half its own init and order.
+    own = jax.random.split(jax.random.fold_in(base, 5000 + j))
+    keys = (base, base) if protocol == "full" else own
+    scores = bench.influence_scores(task, train_one(halves[j], *keys), data, method, args)[0]
+    acc.append(standard(scores))
+    rec["single_half"].append(_lds(scores, masks, truth))
+    rec["halves"].append(_lds(np.mean(acc, 0), masks, truth))
+    both = (np.sum(acc, 0) + standard(whole_scores)) / (len(acc) + 1)
+    rec["halves_and_whole"].append(_lds(both, masks, truth))  # every model alike
+    even = 0.5 * np.mean(acc, 0) + 0.5 * standard(whole_scores)
+    rec["whole_half_weight"].append(_lds(even, masks, truth))  # the whole model half the vote
+    rec["seconds"].append(round(time.perf_counter() - t0 + whole_seconds, 1))
+    print(f"  {task}/{protocol} ensemble K={j + 1}: halves {rec['halves'][-1]}, "
+          f"with the whole model {rec['halves_and_whole'][-1]} / {rec['whole_half_weight'][-1]} "
+          f"(half the vote) ({rec['seconds'][-1]} s)", flush=True)  # fmt: skip
+  return rec
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--probes", default="unrolled,ensemble", help="or roughness (alone: float64)")
+  ap.add_argument("--tasks", default="logreg,mlp")
+  ap.add_argument("--protocols", default="full", help="for the ensemble (unrolled: full only)")
+  ap.add_argument("--tests", type=int, default=100, help="test examples for the unrolled probe")
+  ap.add_argument("--chunk", type=int, default=20, help="test examples per reverse pass")
+  ap.add_argument("--members", type=int, default=10, help="K, the ensemble's half-set models")
+  ap.add_argument("--out", default=str(_common.RESULTS_DIR / "lds_probes.json"))
+  args = ap.parse_args()
+  if "roughness" in args.probes:  # float64 throughout: a process of its own
+    if args.probes != "roughness":
+      ap.error("--probes: run roughness alone (it switches JAX to float64)")
+    jax.config.update("jax_enable_x64", True)
+  for task in args.tasks.split(","):
+    if task not in REFERENCE:
+      ap.error(f"--tasks: {task!r} is not one of {sorted(REFERENCE)} (no vmapped CNN retraining)")
+  data = bench.load_data()
+  masks = lds.sample_masks(jax.random.key(1234), 50, bench.N_TRAIN, 0.5)  # bench/lds.py's
+  quiet = types.SimpleNamespace(quick=False)
+  payload = {"environment": _common.environment(), "subsets": 50, "results": {}}
+  if pathlib.Path(args.out).exists():  # keep the other probes' records
+    payload["results"] = json.loads(pathlib.Path(args.out).read_text()).get("results", {})
+  for task in args.tasks.split(","):
+    rec = payload["results"].setdefault(task, {"reference_method": str(REFERENCE[task])})
+    if args.probes == "roughness":
+      rec["roughness_float64"] = roughness(task, data)
+      _common.write_json(args.out, payload)
+      continue
+    for protocol in args.protocols.split(","):
+      truth, whole, _ = bench.ground_truth(task, protocol, 0, masks, data, quiet)
+      if "unrolled" in args.probes and protocol == "full":
+        nt = min(args.tests, truth.shape[1])
+        sub = (data[0], (data[1][0][:nt], data[1][1][:nt]), data[2])
+        ref = bench.influence_scores(task, whole, sub, REFERENCE[task], quiet)[0]
+        rec["unrolled"] = unrolled(task, data, masks, truth, whole, nt, args.chunk)
+        rec["unrolled"]["influence_same_tests"] = _lds(ref, masks, truth[:, :nt])
+        rec["unrolled"]["num_test"] = nt
+      if "ensemble" in args.probes:
+        ens = ensemble(task, protocol, data, masks, truth, whole, args.members, REFERENCE[task])
+        if protocol == "seeded":  # bench/lds.py's two ceiling retrainings (cached)
+          ya, yb = (bench.ground_truth(task, protocol, s, masks, data, quiet)[0] for s in (1, 2))
+          ceiling = lds.noise_ceiling(jnp.asarray(ya), jnp.asarray(yb))
+          ens["noise_ceiling"] = float(ceiling.mean_ceiling)
+        rec[f"ensemble_{protocol}"] = ens
+      _common.write_json(args.out, payload)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

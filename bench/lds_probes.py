@@ -20,6 +20,11 @@ influence function's assumption that training converged to an optimum:
              protocol, standardised per test example and averaged, with and
              without the whole-set model's scores (TRAK's ensembles over
              subsets; Park et al. 2023). Not a single model: K more trainings.
+             ``ensemble_seeds`` (seeded protocol): K models on the whole
+             training set, each with its own seeds (TRAK's usual ensemble).
+  roughness  float64 central differences of one test loss along one direction
+             of w as ε shrinks, against the forward-mode jvp: whether the
+             training's response to its example weights is smooth.
 
 Both are compared with the same LDS ground truth (bench/results/lds_cache/, m = 50)
 and the whole-set model's influence on the same test examples. Writes
@@ -42,8 +47,8 @@ import numpy as np
 
 from kdaif_jax import lds, losses
 
-# The whole-set influence each probe is compared with: the task's best bench/lds.py
-# method at 30 iterations (BENCHMARKS.md §5).
+# The whole-set influence each probe is compared with: the task's best whole-network
+# method of bench/lds.py at its default iterations (BENCHMARKS.md §5).
 REFERENCE = {"logreg": ("all", "ggn", "cg", 1e-3, 100), "mlp": ("all", "ggn", "cg", 3e-3, 30)}
 
 
@@ -51,20 +56,27 @@ def _lds(scores: np.ndarray, masks, truth) -> float:
   return round(float(lds.lds(jnp.asarray(scores), masks, jnp.asarray(truth)).mean), 4)
 
 
-def unrolled(task: str, data, masks, truth, whole, nt: int, chunk: int) -> dict:
-  """LDS of the exact derivative of the full-batch training, and its magnitude."""
-  (x, y), (xt, yt), _ = data
+def _weighted_training(task: str, x, y, dtype=jnp.float32):
+  """``(train(w [N]) -> params, apply)``: the full-batch protocol on the weighted loss."""
   cfg = bench.TASKS[task]
   lr, steps, _ = cfg["full"]
   init, apply = bench.make_model(task)
-  train = bench.make_trainer(init, apply, cfg["wd"], lr, steps, None, x, y)[1]
+  cast = lambda key: jax.tree.map(lambda a: a.astype(dtype), init(key))
+  train = bench.make_trainer(cast, apply, cfg["wd"], lr, steps, None, x.astype(dtype), y)[1]
   idx, key = jnp.arange(bench.N_TRAIN), jax.random.key(0)  # the protocol's shared init
-  trained = jax.jit(lambda w: train(idx, key, key, w))(jnp.ones(bench.N_TRAIN))
+  return (lambda w: train(idx, key, key, w)), apply
+
+
+def unrolled(task: str, data, masks, truth, whole, nt: int, chunk: int) -> dict:
+  """LDS of the exact derivative of the full-batch training, and its magnitude."""
+  (x, y), (xt, yt), _ = data
+  train, apply = _weighted_training(task, x, y)
+  trained = jax.jit(train)(jnp.ones(bench.N_TRAIN))
   pairs = zip(jax.tree.leaves(trained), jax.tree.leaves(whole))
   same = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
 
   def test_losses(w, xs, ys):
-    return losses.cross_entropy(apply(train(idx, key, key, w), xs), ys)
+    return losses.cross_entropy(apply(train(w), xs), ys)
 
   jac = jax.jit(jax.jacrev(test_losses))
   t0 = time.perf_counter()
@@ -103,14 +115,9 @@ def roughness(task: str, data) -> dict:
   chaotic one (the trajectory's sensitivity exploding over the steps) does not.
   """
   (x, y), (xt, yt), _ = data
-  x, xt = x.astype(jnp.float64), xt.astype(jnp.float64)
-  cfg = bench.TASKS[task]
-  lr, steps, _ = cfg["full"]
-  init32, apply = bench.make_model(task)
-  init = lambda key: jax.tree.map(lambda a: a.astype(jnp.float64), init32(key))
-  train = bench.make_trainer(init, apply, cfg["wd"], lr, steps, None, x, y)[1]
-  idx, key = jnp.arange(bench.N_TRAIN), jax.random.key(0)
-  f = jax.jit(lambda w: losses.cross_entropy(apply(train(idx, key, key, w), xt[:1]), yt[:1])[0])
+  train, apply = _weighted_training(task, x, y, jnp.float64)
+  xt = xt.astype(jnp.float64)
+  f = jax.jit(lambda w: losses.cross_entropy(apply(train(w), xt[:1]), yt[:1])[0])
   one = jnp.ones(bench.N_TRAIN, jnp.float64)
   v = jax.random.rademacher(jax.random.key(0), (bench.N_TRAIN,), jnp.float64)
   jvp = float(jax.jit(lambda w, v: jax.jvp(f, (w,), (v,))[1])(one, v))
@@ -122,42 +129,59 @@ def roughness(task: str, data) -> dict:
   return {"jvp": jvp if np.isfinite(jvp) else str(jvp), "central_differences": diffs}
 
 
-def ensemble(task: str, protocol: str, data, masks, truth, whole, k: int, method) -> dict:
-  """LDS of influence averaged over K half-set models, as K grows."""
+PROBES = {"unrolled", "ensemble", "ensemble_seeds", "roughness"}
+# An ensemble's members: each trained on its own random half ("halves"), or each on
+# the whole training set with its own seeds ("seeds", the seeded protocol only).
+MEMBERS = {"halves": ("halves", "single_half"), "seeds": ("seeds", "single_seed")}
+
+
+def ensemble(task, protocol, data, masks, truth, whole, k: int, method, kind="halves") -> dict:
+  """LDS of influence averaged over K models (``MEMBERS``), as K grows."""
   (x, y), _, _ = data
   cfg = bench.TASKS[task]
   lr, steps, batch = cfg[protocol]
   init, apply = bench.make_model(task)
   train_one = bench.make_trainer(init, apply, cfg["wd"], lr, steps, batch, x, y)[0]
   args = types.SimpleNamespace(quick=False)
-  halves = lds.subset_indices(lds.sample_masks(jax.random.key(999), k, bench.N_TRAIN, 0.5))
+  if kind == "halves":
+    subsets = lds.subset_indices(lds.sample_masks(jax.random.key(999), k, bench.N_TRAIN, 0.5))
+  else:
+    subsets = jnp.tile(jnp.arange(bench.N_TRAIN), (k, 1))
   standard = lambda s: s / np.std(s, axis=0, keepdims=True)  # per test example
   whole_scores, whole_seconds = bench.influence_scores(task, whole, data, method, args)
   rec = {"whole_model": _lds(whole_scores, masks, truth), "whole_seconds": round(whole_seconds, 1)}
-  rec.update(halves=[], halves_and_whole=[], whole_half_weight=[], single_half=[], seconds=[])
+  name, single = MEMBERS[kind]
+  rec.update(
+    {name: [], f"{name}_and_whole": [], "whole_half_weight": [], single: [], "seconds": []}
+  )
   base, acc, t0 = jax.random.key(0), [], time.perf_counter()
   for j in range(k):
-    # full: the protocol's one shared init; seeded: each half its own init and order.
-    own = jax.random.split(jax.random.fold_in(base, 5000 + j))
+    # full: the protocol's one shared init; seeded: each member its own init and order.
+    own = jax.random.split(jax.random.fold_in(base, (5000 if kind == "halves" else 6000) + j))
     keys = (base, base) if protocol == "full" else own
-    scores = bench.influence_scores(task, train_one(halves[j], *keys), data, method, args)[0]
+    scores = bench.influence_scores(task, train_one(subsets[j], *keys), data, method, args)[0]
     acc.append(standard(scores))
-    rec["single_half"].append(_lds(scores, masks, truth))
-    rec["halves"].append(_lds(np.mean(acc, 0), masks, truth))
+    rec[single].append(_lds(scores, masks, truth))
+    rec[name].append(_lds(np.mean(acc, 0), masks, truth))
     both = (np.sum(acc, 0) + standard(whole_scores)) / (len(acc) + 1)
-    rec["halves_and_whole"].append(_lds(both, masks, truth))  # every model alike
+    rec[f"{name}_and_whole"].append(_lds(both, masks, truth))  # every model alike
     even = 0.5 * np.mean(acc, 0) + 0.5 * standard(whole_scores)
     rec["whole_half_weight"].append(_lds(even, masks, truth))  # the whole model half the vote
     rec["seconds"].append(round(time.perf_counter() - t0 + whole_seconds, 1))
-    print(f"  {task}/{protocol} ensemble K={j + 1}: halves {rec['halves'][-1]}, "
-          f"with the whole model {rec['halves_and_whole'][-1]} / {rec['whole_half_weight'][-1]} "
+    print(f"  {task}/{protocol} ensemble of {kind} K={j + 1}: {rec[name][-1]}, "
+          f"with the whole model {rec[f'{name}_and_whole'][-1]} / {rec['whole_half_weight'][-1]} "
           f"(half the vote) ({rec['seconds'][-1]} s)", flush=True)  # fmt: skip
   return rec
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--probes", default="unrolled,ensemble", help="or roughness (alone: float64)")
+  ap.add_argument(
+    "--probes",
+    default="unrolled,ensemble",
+    help="comma-separated: unrolled, ensemble (of halves), ensemble_seeds (seeded protocol), "
+    "roughness (alone: float64)",
+  )
   ap.add_argument("--tasks", default="logreg,mlp")
   ap.add_argument("--protocols", default="full", help="for the ensemble (unrolled: full only)")
   ap.add_argument("--tests", type=int, default=100, help="test examples for the unrolled probe")
@@ -165,8 +189,13 @@ def main():
   ap.add_argument("--members", type=int, default=10, help="K, the ensemble's half-set models")
   ap.add_argument("--out", default=str(_common.RESULTS_DIR / "lds_probes.json"))
   args = ap.parse_args()
-  if "roughness" in args.probes:  # float64 throughout: a process of its own
-    if args.probes != "roughness":
+  probes = set(args.probes.split(","))
+  if probes - PROBES:
+    ap.error(f"--probes: {sorted(probes - PROBES)} not among {sorted(PROBES)}")
+  if "ensemble_seeds" in probes and "full" in args.protocols.split(","):
+    ap.error("--probes: ensemble_seeds needs --protocols=seeded (full has one shared init)")
+  if "roughness" in probes:  # float64 throughout: a process of its own
+    if probes != {"roughness"}:
       ap.error("--probes: run roughness alone (it switches JAX to float64)")
     jax.config.update("jax_enable_x64", True)
   for task in args.tasks.split(","):
@@ -180,26 +209,30 @@ def main():
     payload["results"] = json.loads(pathlib.Path(args.out).read_text()).get("results", {})
   for task in args.tasks.split(","):
     rec = payload["results"].setdefault(task, {"reference_method": str(REFERENCE[task])})
-    if args.probes == "roughness":
+    if "roughness" in probes:
       rec["roughness_float64"] = roughness(task, data)
       _common.write_json(args.out, payload)
       continue
     for protocol in args.protocols.split(","):
       truth, whole, _ = bench.ground_truth(task, protocol, 0, masks, data, quiet)
-      if "unrolled" in args.probes and protocol == "full":
+      if "unrolled" in probes and protocol == "full":
         nt = min(args.tests, truth.shape[1])
         sub = (data[0], (data[1][0][:nt], data[1][1][:nt]), data[2])
         ref = bench.influence_scores(task, whole, sub, REFERENCE[task], quiet)[0]
         rec["unrolled"] = unrolled(task, data, masks, truth, whole, nt, args.chunk)
         rec["unrolled"]["influence_same_tests"] = _lds(ref, masks, truth[:, :nt])
         rec["unrolled"]["num_test"] = nt
-      if "ensemble" in args.probes:
-        ens = ensemble(task, protocol, data, masks, truth, whole, args.members, REFERENCE[task])
+      for kind in ("halves", "seeds"):
+        if {"halves": "ensemble", "seeds": "ensemble_seeds"}[kind] not in probes:
+          continue
+        ens = ensemble(
+          task, protocol, data, masks, truth, whole, args.members, REFERENCE[task], kind
+        )
         if protocol == "seeded":  # bench/lds.py's two ceiling retrainings (cached)
           ya, yb = (bench.ground_truth(task, protocol, s, masks, data, quiet)[0] for s in (1, 2))
           ceiling = lds.noise_ceiling(jnp.asarray(ya), jnp.asarray(yb))
           ens["noise_ceiling"] = float(ceiling.mean_ceiling)
-        rec[f"ensemble_{protocol}"] = ens
+        rec[f"ensemble_{protocol}" if kind == "halves" else f"ensemble_seeds_{protocol}"] = ens
       _common.write_json(args.out, payload)
   print(f"wrote {args.out}")
 

@@ -1,7 +1,7 @@
-"""Two probes of the LDS shortfall: unrolled differentiation and a subset ensemble.
+"""Probes of the LDS shortfall: unrolled differentiation, ensembles, roughness.
 
 Usage (from the repository root):
-    .venv/bin/python bench/lds_probes.py                       # both probes, logreg and MLP
+    .venv/bin/python bench/lds_probes.py                       # unrolled + ensemble, logreg and MLP
     .venv/bin/python bench/lds_probes.py --probes unrolled --tasks logreg --tests 60
 
 The full-batch protocol of bench/lds.py is deterministic: every subset is
@@ -26,9 +26,10 @@ influence function's assumption that training converged to an optimum:
              of w as ε shrinks, against the forward-mode jvp: whether the
              training's response to its example weights is smooth.
 
-Both are compared with the same LDS ground truth (bench/results/lds_cache/, m = 50)
-and the whole-set model's influence on the same test examples. Writes
-bench/results/lds_probes.json.
+The unrolled derivative and the ensembles are scored against bench/lds.py's LDS
+ground truth (bench/results/lds_cache/, m = 50) next to the whole-set model's
+influence on the same test examples. Writes bench/results/lds_probes.json (each
+run adds its environment and command line to ``runs``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 import time
 import types
 
@@ -186,14 +188,19 @@ def main():
   ap.add_argument("--protocols", default="full", help="for the ensemble (unrolled: full only)")
   ap.add_argument("--tests", type=int, default=100, help="test examples for the unrolled probe")
   ap.add_argument("--chunk", type=int, default=20, help="test examples per reverse pass")
-  ap.add_argument("--members", type=int, default=10, help="K, the ensemble's half-set models")
+  ap.add_argument("--members", type=int, default=10, help="K, each ensemble's models")
   ap.add_argument("--out", default=str(_common.RESULTS_DIR / "lds_probes.json"))
   args = ap.parse_args()
   probes = set(args.probes.split(","))
   if probes - PROBES:
     ap.error(f"--probes: {sorted(probes - PROBES)} not among {sorted(PROBES)}")
-  if "ensemble_seeds" in probes and "full" in args.protocols.split(","):
+  protocols = args.protocols.split(",")
+  if set(protocols) - {"full", "seeded"}:
+    ap.error(f"--protocols: {args.protocols!r}; allowed: full, seeded (comma-separated)")
+  if "ensemble_seeds" in probes and "full" in protocols:
     ap.error("--probes: ensemble_seeds needs --protocols=seeded (full has one shared init)")
+  if "unrolled" in probes and "full" not in protocols:
+    ap.error("--probes: unrolled needs --protocols to include full (seeded is not deterministic)")
   if "roughness" in probes:  # float64 throughout: a process of its own
     if probes != {"roughness"}:
       ap.error("--probes: run roughness alone (it switches JAX to float64)")
@@ -204,16 +211,20 @@ def main():
   data = bench.load_data()
   masks = lds.sample_masks(jax.random.key(1234), 50, bench.N_TRAIN, 0.5)  # bench/lds.py's
   quiet = types.SimpleNamespace(quick=False)
-  payload = {"environment": _common.environment(), "subsets": 50, "results": {}}
+  payload = {"subsets": 50, "runs": [], "results": {}}
   if pathlib.Path(args.out).exists():  # keep the other probes' records
-    payload["results"] = json.loads(pathlib.Path(args.out).read_text()).get("results", {})
+    old = json.loads(pathlib.Path(args.out).read_text())
+    payload["results"], payload["runs"] = old.get("results", {}), old.get("runs", [])
+    if "environment" in old:  # the first runs' record (before "runs")
+      payload["runs"].append({"environment": old["environment"], "argv": None})
+  payload["runs"].append({"environment": _common.environment(), "argv": sys.argv[1:]})
   for task in args.tasks.split(","):
     rec = payload["results"].setdefault(task, {"reference_method": str(REFERENCE[task])})
     if "roughness" in probes:
       rec["roughness_float64"] = roughness(task, data)
       _common.write_json(args.out, payload)
       continue
-    for protocol in args.protocols.split(","):
+    for protocol in protocols:
       truth, whole, _ = bench.ground_truth(task, protocol, 0, masks, data, quiet)
       if "unrolled" in probes and protocol == "full":
         nt = min(args.tests, truth.shape[1])

@@ -189,6 +189,9 @@ def main():
   ap.add_argument("--tests", type=int, default=100, help="test examples for the unrolled probe")
   ap.add_argument("--chunk", type=int, default=20, help="test examples per reverse pass")
   ap.add_argument("--members", type=int, default=10, help="K, each ensemble's models")
+  ap.add_argument(
+    "--subsets", type=int, default=50, help="m (bench/lds.py's masks and cached truths)"
+  )
   ap.add_argument("--out", default=str(_common.RESULTS_DIR / "lds_probes.json"))
   args = ap.parse_args()
   probes = set(args.probes.split(","))
@@ -209,9 +212,10 @@ def main():
     if task not in REFERENCE:
       ap.error(f"--tasks: {task!r} is not one of {sorted(REFERENCE)} (no vmapped CNN retraining)")
   data = bench.load_data()
-  masks = lds.sample_masks(jax.random.key(1234), 50, bench.N_TRAIN, 0.5)  # bench/lds.py's
+  masks = lds.sample_masks(jax.random.key(1234), args.subsets, bench.N_TRAIN, 0.5)  # lds.py's
+  at_m = "" if args.subsets == 50 else f"_m{args.subsets}"  # records at another m apart
   quiet = types.SimpleNamespace(quick=False)
-  payload = {"subsets": 50, "runs": [], "results": {}}
+  payload = {"subsets": "50 unless a record's name ends in _mM", "runs": [], "results": {}}
   if pathlib.Path(args.out).exists():  # keep the other probes' records
     old = json.loads(pathlib.Path(args.out).read_text())
     payload["results"], payload["runs"] = old.get("results", {}), old.get("runs", [])
@@ -230,9 +234,9 @@ def main():
         nt = min(args.tests, truth.shape[1])
         sub = (data[0], (data[1][0][:nt], data[1][1][:nt]), data[2])
         ref = bench.influence_scores(task, whole, sub, REFERENCE[task], quiet)[0]
-        rec["unrolled"] = unrolled(task, data, masks, truth, whole, nt, args.chunk)
-        rec["unrolled"]["influence_same_tests"] = _lds(ref, masks, truth[:, :nt])
-        rec["unrolled"]["num_test"] = nt
+        rec["unrolled" + at_m] = unrolled(task, data, masks, truth, whole, nt, args.chunk)
+        rec["unrolled" + at_m]["influence_same_tests"] = _lds(ref, masks, truth[:, :nt])
+        rec["unrolled" + at_m]["num_test"] = nt
       for kind in ("halves", "seeds"):
         if {"halves": "ensemble", "seeds": "ensemble_seeds"}[kind] not in probes:
           continue
@@ -243,7 +247,8 @@ def main():
           ya, yb = (bench.ground_truth(task, protocol, s, masks, data, quiet)[0] for s in (1, 2))
           ceiling = lds.noise_ceiling(jnp.asarray(ya), jnp.asarray(yb))
           ens["noise_ceiling"] = float(ceiling.mean_ceiling)
-        rec[f"ensemble_{protocol}" if kind == "halves" else f"ensemble_seeds_{protocol}"] = ens
+        name = f"ensemble_{protocol}" if kind == "halves" else f"ensemble_seeds_{protocol}"
+        rec[name + at_m] = ens
       _common.write_json(args.out, payload)
   print(f"wrote {args.out}")
 

@@ -20,8 +20,9 @@ influence function's assumption that training converged to an optimum:
              protocol, standardised per test example and averaged, with and
              without the whole-set model's scores (TRAK's ensembles over
              subsets; Park et al. 2023). Not a single model: K more trainings.
-             ``ensemble_seeds`` (seeded protocol): K models on the whole
-             training set, each with its own seeds (TRAK's usual ensemble).
+             ``ensemble_seeds``: K models on the whole training set, each
+             with its own seeds (TRAK's usual ensemble; under the full
+             protocol, its own initialisation).
   roughness  float64 central differences of one test loss along one direction
              of w as ε shrinks, against the forward-mode jvp: whether the
              training's response to its example weights is smooth.
@@ -133,7 +134,7 @@ def roughness(task: str, data) -> dict:
 
 PROBES = {"unrolled", "ensemble", "ensemble_seeds", "roughness"}
 # An ensemble's members: each trained on its own random half ("halves"), or each on
-# the whole training set with its own seeds ("seeds", the seeded protocol only).
+# the whole training set with its own seeds ("seeds").
 MEMBERS = {"halves": ("halves", "single_half"), "seeds": ("seeds", "single_seed")}
 
 
@@ -158,9 +159,10 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, kind="ha
   )
   base, acc, t0 = jax.random.key(0), [], time.perf_counter()
   for j in range(k):
-    # full: the protocol's one shared init; seeded: each member its own init and order.
+    # Halves under the full protocol share its one init; every other member has its own
+    # init (and, seeded, its own data order).
     own = jax.random.split(jax.random.fold_in(base, (5000 if kind == "halves" else 6000) + j))
-    keys = (base, base) if protocol == "full" else own
+    keys = (base, base) if protocol == "full" and kind == "halves" else own
     scores = bench.influence_scores(task, train_one(subsets[j], *keys), data, method, args)[0]
     acc.append(standard(scores))
     rec[single].append(_lds(scores, masks, truth))
@@ -181,7 +183,7 @@ def main():
   ap.add_argument(
     "--probes",
     default="unrolled,ensemble",
-    help="comma-separated: unrolled, ensemble (of halves), ensemble_seeds (seeded protocol), "
+    help="comma-separated: unrolled, ensemble (of halves), ensemble_seeds, "
     "roughness (alone: float64)",
   )
   ap.add_argument("--tasks", default="logreg,mlp")
@@ -200,8 +202,6 @@ def main():
   protocols = args.protocols.split(",")
   if set(protocols) - {"full", "seeded"}:
     ap.error(f"--protocols: {args.protocols!r}; allowed: full, seeded (comma-separated)")
-  if "ensemble_seeds" in probes and "full" in protocols:
-    ap.error("--probes: ensemble_seeds needs --protocols=seeded (full has one shared init)")
   if "unrolled" in probes and "full" not in protocols:
     ap.error("--probes: unrolled needs --protocols to include full (seeded is not deterministic)")
   if "roughness" in probes:  # float64 throughout: a process of its own

@@ -138,14 +138,18 @@ def roughness(task: str, data) -> dict:
   return {"jvp": jvp if np.isfinite(jvp) else str(jvp), "central_differences": diffs}
 
 
-PROBES = {"unrolled", "ensemble", "ensemble_seeds", "roughness"}
-# An ensemble's members: each trained on its own random half ("halves"), or each on
-# the whole training set with its own seeds ("seeds").
-MEMBERS = {"halves": ("halves", "single_half"), "seeds": ("seeds", "single_seed")}
+# The ensemble probes -> (their members' name in the record, the record of one member
+# alone, the offset of the members' seeds): each member trained on its own random half
+# ("ensemble"), or on the whole training set with its own seeds ("ensemble_seeds").
+MEMBERS = {
+  "ensemble": ("halves", "single_half", 5000),
+  "ensemble_seeds": ("seeds", "single_seed", 6000),
+}
+PROBES = {"unrolled", "roughness", *MEMBERS}
 
 
-def ensemble(task, protocol, data, masks, truth, whole, k: int, method, kind="halves") -> dict:
-  """LDS of influence averaged over K models (``MEMBERS``), as K grows."""
+def ensemble(task, protocol, data, masks, truth, whole, k: int, method, probe="ensemble") -> dict:
+  """LDS of influence averaged over K models (``MEMBERS[probe]``), as K grows."""
   (x, y), _, _ = data
   cfg = bench.TASKS[task]
   lr, steps, batch = cfg[protocol]
@@ -153,14 +157,15 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, kind="ha
   loop = task == "cnn_small" and jax.default_backend() == "cpu"
   train_one = bench.make_trainer(init, apply, cfg["wd"], lr, steps, batch, x, y, loop)[0]
   args = types.SimpleNamespace(quick=False)
-  if kind == "halves":
+  name, single, offset = MEMBERS[probe]
+  halves = name == "halves"
+  if halves:
     subsets = lds.subset_indices(lds.sample_masks(jax.random.key(999), k, bench.N_TRAIN, 0.5))
   else:
     subsets = jnp.tile(jnp.arange(bench.N_TRAIN), (k, 1))
   standard = lambda s: s / np.std(s, axis=0, keepdims=True)  # per test example
   whole_scores, whole_seconds = bench.influence_scores(task, whole, data, method, args)
   rec = {"whole_model": _lds(whole_scores, masks, truth), "whole_seconds": round(whole_seconds, 1)}
-  name, single = MEMBERS[kind]
   rec.update(
     {name: [], f"{name}_and_whole": [], "whole_half_weight": [], single: [], "seconds": []}
   )
@@ -168,8 +173,10 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, kind="ha
   for j in range(k):
     # Halves under the full protocol share its one init; every other member has its own
     # init (and, seeded, its own data order).
-    own = jax.random.split(jax.random.fold_in(base, (5000 if kind == "halves" else 6000) + j))
-    keys = (base, base) if protocol == "full" and kind == "halves" else own
+    if protocol == "full" and halves:
+      keys = (base, base)
+    else:
+      keys = jax.random.split(jax.random.fold_in(base, offset + j))
     scores = bench.influence_scores(task, train_one(subsets[j], *keys), data, method, args)[0]
     acc.append(standard(scores))
     rec[single].append(_lds(scores, masks, truth))
@@ -179,7 +186,7 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, kind="ha
     even = 0.5 * np.mean(acc, 0) + 0.5 * standard(whole_scores)
     rec["whole_half_weight"].append(_lds(even, masks, truth))  # the whole model half the vote
     rec["seconds"].append(round(time.perf_counter() - t0 + whole_seconds, 1))
-    print(f"  {task}/{protocol} ensemble of {kind} K={j + 1}: {rec[name][-1]}, "
+    print(f"  {task}/{protocol} ensemble of {name} K={j + 1}: {rec[name][-1]}, "
           f"with the whole model {rec[f'{name}_and_whole'][-1]} / {rec['whole_half_weight'][-1]} "
           f"(half the vote) ({rec['seconds'][-1]} s)", flush=True)  # fmt: skip
   return rec
@@ -218,7 +225,7 @@ def main():
   for task in args.tasks.split(","):
     if task not in REFERENCE:
       ap.error(f"--tasks: {task!r} is not one of {sorted(REFERENCE)}")
-    if task == "cnn_small" and probes - {"ensemble", "ensemble_seeds"}:
+    if task == "cnn_small" and probes - set(MEMBERS):
       ap.error("--tasks: cnn_small takes only the ensemble probes")
   data = bench.load_data()
   masks = lds.sample_masks(jax.random.key(1234), args.subsets, bench.N_TRAIN, 0.5)  # lds.py's
@@ -248,18 +255,15 @@ def main():
         rec["unrolled" + at_m] = unrolled(task, data, masks, truth, whole, nt, args.chunk)
         rec["unrolled" + at_m]["influence_same_tests"] = _lds(ref, masks, truth[:, :nt])
         rec["unrolled" + at_m]["num_test"] = nt
-      for kind in ("halves", "seeds"):
-        if {"halves": "ensemble", "seeds": "ensemble_seeds"}[kind] not in probes:
-          continue
+      for probe in sorted(probes & set(MEMBERS)):
         ens = ensemble(
-          task, protocol, tdata, masks, truth, whole, args.members, REFERENCE[task], kind
+          task, protocol, tdata, masks, truth, whole, args.members, REFERENCE[task], probe
         )
         if protocol == "seeded":  # bench/lds.py's two ceiling retrainings (cached)
           ya, yb = (bench.ground_truth(task, protocol, s, masks, data, quiet)[0] for s in (1, 2))
           ceiling = lds.noise_ceiling(jnp.asarray(ya[:, :nt]), jnp.asarray(yb[:, :nt]))
           ens["noise_ceiling"] = float(ceiling.mean_ceiling)
-        name = f"ensemble_{protocol}" if kind == "halves" else f"ensemble_seeds_{protocol}"
-        rec[name + at_m] = ens
+        rec[f"{probe}_{protocol}{at_m}"] = ens
       _common.write_json(args.out, payload)
   print(f"wrote {args.out}")
 

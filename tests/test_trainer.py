@@ -46,6 +46,12 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
+def student_train_lines(workdir):
+  """The student phase's training lines of a run's metrics.jsonl."""
+  lines = read_jsonl(workdir / "metrics.jsonl")
+  return [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_smoke_writes_every_file(name, tmp_path):
   cfg = load_config(name)
@@ -233,11 +239,7 @@ def test_oracle_weighs_out_exactly_the_flipped_labels(tmp_path):
   np.testing.assert_allclose(w[~noisy], len(rows) / (~noisy).sum(), rtol=1e-5)  # CSV: 6 digits
   assert summary["mechanism"] == "oracle" and summary["student"]["test_accuracy"] > 0
   # The step sees the frozen weights: its logged batch weights are 0 or the clean weight.
-  student = [
-    r
-    for r in read_jsonl(tmp_path / "metrics.jsonl")
-    if r["kind"] == "train" and r["phase"] == "student"
-  ]
+  student = student_train_lines(tmp_path)
   assert all(r["w_min"] == 0.0 or r["w_min"] > 1.0 for r in student)
   from kdaif_jax import report
 
@@ -256,11 +258,7 @@ def test_oracle_survives_a_batch_of_only_flipped_labels(tmp_path):
   cfg.batch_size, cfg.data.num_train, cfg.student.epochs = 2, 48, 1
   cfg.checkpoint_every_steps = 1000  # a save every 4 steps would be most of the time
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
-  student = [
-    r
-    for r in read_jsonl(tmp_path / "metrics.jsonl")
-    if r["kind"] == "train" and r["phase"] == "student"
-  ]
+  student = student_train_lines(tmp_path)
   assert all(np.isfinite(r["loss"]) for r in student)
   assert any(r["w_max"] == 0.0 for r in student)  # the case happened
   assert summary["student"]["test_accuracy"] > 0

@@ -351,6 +351,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
   return out
 
 
+# Options added after workdirs were first written, with the value that keeps such a
+# workdir's experiment: a fingerprint without the option reads as this value. (The
+# influence maths' precision changes nothing on CPU, where those runs were made.)
+_ADDED_OPTIONS = {"kdaif.matmul_precision": "highest"}
+
+
 def check_experiment(workdir: str, fingerprint: dict, write: bool = True) -> None:
   """Records ``fingerprint`` in the workdir, or checks it against the one there.
 
@@ -374,7 +380,7 @@ def check_experiment(workdir: str, fingerprint: dict, write: bool = True) -> Non
   if os.path.exists(path):
     try:
       with open(path) as f:
-        old = _flatten(json.load(f))
+        old = {**_ADDED_OPTIONS, **_flatten(json.load(f))}
     except (OSError, ValueError) as err:
       raise CheckpointMismatchError(
         f"--workdir={workdir}: {path} is unreadable ({one_line(err)}); "

@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from kdaif_jax import data, influence, models, optim, options, weights
+from kdaif_jax import data, influence, models, objectives, optim, options, weights
 from kdaif_jax.options import MECHANISMS
 
 UNROLL = ("auto", "unroll", "loop")
@@ -114,6 +114,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.solver", influence.SOLVERS)
   _choice(cfg, f"{k}.unroll", UNROLL)
   _choice(cfg, f"{k}.scope", options.SCOPES)
+  _choice(cfg, f"{k}.matmul_precision", objectives.PRECISIONS)
   _number(cfg, f"{k}.weight_temperature", 0, lo_open=True)
   _number(cfg, f"{k}.score_memory", 0, 1, hi_open=True)
   _choice(cfg, f"{k}.memory_init", MEMORY_INITS)

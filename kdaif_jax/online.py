@@ -205,8 +205,8 @@ def student_influence(
   scoped = scope_restrict(
     opts.scope,
     stu.params,
-    objectives.training_loss(student, stu.model_state, inputs, per_example),
-    objectives.validation_loss(student, stu.model_state, val_inputs, val_labels),
+    objectives.training_loss(student, stu.model_state, inputs, per_example, opts.precision),
+    objectives.validation_loss(student, stu.model_state, val_inputs, val_labels, opts.precision),
   )
   block = online_influence(
     scoped.params,

@@ -96,6 +96,8 @@ class InfluenceOptions(NamedTuple):
     "head" (its classifier layer; ``influence.restrict``).
   memory: β in [0, 1) of each example's memory of its standardised scores
     (``online.remember``); 0 weighs every batch by its own scores only.
+  precision: the matrix-product precision of the influence maths, one of
+    ``objectives.PRECISIONS``.
   """
 
   solver: SolverOptions = SolverOptions()
@@ -103,6 +105,7 @@ class InfluenceOptions(NamedTuple):
   warm_start: bool = True
   scope: str = "all"
   memory: float = 0.0
+  precision: str = "highest"
 
 
 class SSLOptions(NamedTuple):
@@ -144,6 +147,7 @@ class ScorerOptions(NamedTuple):
   curvature_size: training examples sampled for the curvature.
   chunk_size: examples scored per jvp.
   scope: "all" or "head", as in ``InfluenceOptions``.
+  precision: as in ``InfluenceOptions``.
   """
 
   kd: KDOptions = KDOptions()
@@ -152,3 +156,4 @@ class ScorerOptions(NamedTuple):
   curvature_size: int = 1024
   chunk_size: int = 256
   scope: str = "all"
+  precision: str = "highest"

@@ -26,12 +26,14 @@ from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.step import TrainState
 
 
-def _training_loss(student, teacher, state: TrainState, prepare, kd, images, labels):
+def _training_loss(
+  student, teacher, state: TrainState, prepare, opts: ScorerOptions, images, labels
+):
   stu, tea = state.student, state.teacher
   x = prepare(images)
   t_logits = jax.lax.stop_gradient(teacher.apply(tea.params, tea.model_state, x, False)[0])
   return objectives.training_loss(
-    student, stu.model_state, x, lambda out: kd(out, t_logits, labels)
+    student, stu.model_state, x, lambda out: opts.kd(out, t_logits, labels), opts.precision
   )
 
 
@@ -61,8 +63,10 @@ def make_whole_set_scorer(
     scoped = online.scope_restrict(
       opts.scope,
       stu.params,
-      _training_loss(student, teacher, state, prepare, opts.kd, curv["images"], curv["labels"]),
-      objectives.validation_loss(student, stu.model_state, prepare(val["images"]), val["labels"]),
+      _training_loss(student, teacher, state, prepare, opts, curv["images"], curv["labels"]),
+      objectives.validation_loss(
+        student, stu.model_state, prepare(val["images"]), val["labels"], opts.precision
+      ),
     )
     s, _, info = influence.solve_direction(
       scoped.params,
@@ -76,7 +80,7 @@ def make_whole_set_scorer(
 
   def chunk(state: TrainState, s, batch: dict):
     train_loss = _training_loss(
-      student, teacher, state, prepare, opts.kd, batch["images"], batch["labels"]
+      student, teacher, state, prepare, opts, batch["images"], batch["labels"]
     )
     scoped = online.scope_restrict(opts.scope, state.student.params, train_loss, None)
     return influence.scores(scoped.train_loss, scoped.params, s)
@@ -174,7 +178,7 @@ def make_self_influence_scorer(
 
   @jax.jit
   def factor(state: TrainState, images, labels):
-    train_loss = _training_loss(student, teacher, state, prepare, opts.kd, images, labels)
+    train_loss = _training_loss(student, teacher, state, prepare, opts, images, labels)
     scoped = online.scope_restrict("head", state.student.params, train_loss, None)
     return self_influence_lib.damped_cholesky(
       scoped.params, scoped.train_loss, curvature=solver.curvature, damping=solver.damping
@@ -182,7 +186,7 @@ def make_self_influence_scorer(
 
   @jax.jit
   def chunk(state: TrainState, chol, images, labels):
-    train_loss = _training_loss(student, teacher, state, prepare, opts.kd, images, labels)
+    train_loss = _training_loss(student, teacher, state, prepare, opts, images, labels)
     scoped = online.scope_restrict("head", state.student.params, train_loss, None)
     return self_influence_lib.self_influence(scoped.train_loss, scoped.params, chol)
 

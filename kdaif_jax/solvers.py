@@ -43,7 +43,8 @@ class SolveInfo(NamedTuple):
     (CG stopped there; raise the damping or use the Gauss-Newton curvature).
   finite: bool, x is finite.
   diverged: bool, the solve blew up and x must not be used. Set when x is not
-    finite (every solver) and, for ``lissa``, when the Neumann recursion grew:
+    finite (every solver), for ``cg_solve`` when its residual is not finite
+    (a NaN curvature product), and, for ``lissa``, when the Neumann recursion grew:
     the final iterate's norm exceeds (depth + 1)·||b|| (a bound every
     convergent recursion obeys), or, with a single matvec, the relative
     residual exceeds 1 (x is worse than x = 0). Both mean ``scale`` is below
@@ -100,7 +101,7 @@ def cg_solve(
 
   Returns:
     ``(x, info)``: x a pytree like ``b``; ``info`` a ``SolveInfo``
-    (``info.diverged`` when x is not finite).
+    (``info.diverged`` when x or the residual is not finite).
 
   Raises:
     ValueError: a negative or non-finite ``damping`` or ``tol``, ``maxiter``
@@ -155,7 +156,10 @@ def cg_solve(
     residual=jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0)),
     negative_curvature=neg,
     finite=finite,
-    diverged=~finite,
+    # A non-finite residual fails the solve even where x stayed finite: the while
+    # loop never runs when the first residual is NaN (x stays x0, seen on a GPU),
+    # while the unrolled iterations carry the NaN into x.
+    diverged=~finite | ~jnp.isfinite(rr),
   )
   return x, info
 
@@ -284,8 +288,9 @@ def restarted(
 
   A chunk that did fewer than ``chunk_iters`` iterations stopped by itself (the
   tolerance was reached, or negative curvature was met), so the loop stops there,
-  and on a non-finite iterate. ``solve_chunk`` may be ``vmap``ped over several
-  right-hand sides: the loop then stops when every one of them stopped.
+  and on a diverged solve (``info.diverged``). ``solve_chunk`` may be ``vmap``ped
+  over several right-hand sides: the loop then stops when every one of them
+  stopped, or when any one diverged.
 
   Args:
     solve_chunk: ``x0 -> (x, SolveInfo)``, e.g. a jitted ``solve_direction`` or
@@ -312,7 +317,7 @@ def restarted(
     x, info = solve_chunk(x)
     iters = np.asarray(info.iterations)
     done = done + iters
-    if np.max(iters) < chunk_iters or not np.all(np.asarray(info.finite)):
+    if np.max(iters) < chunk_iters or np.any(np.asarray(info.diverged)):
       break
   return x, info._replace(iterations=jnp.asarray(done))
 

@@ -233,7 +233,10 @@ def make_kd_step(
       metrics.update(block.metrics)
     elif mech.small_loss:
       # docs/method.md §7 baseline: down-weight the largest training losses.
-      scores = per_example(objectives.inference_logits(student, stu.model_state, x)(stu.params))
+      logits = objectives.inference_logits(student, stu.model_state, x, opts.influence.precision)(
+        stu.params
+      )
+      scores = per_example(logits)
       w = weights_lib.small_loss(
         scores, temperature=opts.influence.weights.temperature, axis_name=axis_name
       )

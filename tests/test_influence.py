@@ -306,6 +306,23 @@ def test_restarted_cg_reaches_dense_solve_and_stops_when_converged(ggn_system):
   assert int(info.iterations) == sum(int(c) for c in calls)
 
 
+@pytest.mark.parametrize("unroll", [True, False])
+def test_cg_with_a_nan_curvature_product_is_diverged(unroll):
+  # Warm-started, the first residual is NaN. The while loop (the GPU default) then
+  # never runs and x stays x0, finite; an H200 run reported such a solve as not
+  # diverged. Both loop forms must report it, and the restarted loop stop on it.
+  b = jnp.asarray(np.random.default_rng(5).normal(size=6))
+
+  def chunk(x0):
+    return influence.cg_solve(lambda v: v * jnp.nan, b, maxiter=2, tol=0.0, x0=x0, unroll=unroll)
+
+  _, info = chunk(jnp.zeros(6))
+  assert bool(info.diverged) and not np.isfinite(float(info.residual))
+  run, calls = _counting(chunk)
+  _, info = influence.restarted(run, jnp.ones(6), chunk_iters=2, total_iters=20)
+  assert len(calls) == 1 and bool(info.diverged)
+
+
 def test_restarted_spends_the_budget_and_stops_on_negative_curvature_or_nan():
   a, q = random_spd(3, np.array([3.0, 2.0, 1.0, 0.5, 0.2, 0.1]))
   b = jnp.asarray(np.random.default_rng(4).normal(size=6))

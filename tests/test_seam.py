@@ -194,7 +194,12 @@ def _check(got, ref, ref_weights, where):
 
 
 def test_sharded_step_scores_equal_batch_influence():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  # JAX_PLATFORMS: on a machine with a GPU the 8 simulated devices are still CPUs.
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
   proc = subprocess.Popen(
     [sys.executable, "-c", _EIGHT.format(root=ROOT)],
     cwd=ROOT,

@@ -316,6 +316,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.score_memory", 1.0, "kdaif.score_memory"),  # β = 1 would never learn
     ("kdaif.joint.every", 0, "kdaif.joint.every"),
     ("kdaif.memory_init", "student", "kdaif.memory_init"),
+    ("kdaif.matmul_precision", "tensorfloat32", "kdaif.matmul_precision"),
     ("kd.alpha", 1.5, "kd.alpha"),
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),
@@ -429,7 +430,12 @@ print("RESULT" + json.dumps(out))
 
 
 def test_eight_devices_match_one(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  # JAX_PLATFORMS: on a machine with a GPU the 8 simulated devices are still CPUs.
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }
   code = _MULTI.format(root=ROOT, tmp=str(tmp_path))
   res = subprocess.run(
     [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600

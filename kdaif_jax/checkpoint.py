@@ -380,13 +380,14 @@ def check_experiment(workdir: str, fingerprint: dict, write: bool = True) -> Non
   if os.path.exists(path):
     try:
       with open(path) as f:
-        old = {**_ADDED_OPTIONS, **_flatten(json.load(f))}
+        old = _flatten(json.load(f))
     except (OSError, ValueError) as err:
       raise CheckpointMismatchError(
         f"--workdir={workdir}: {path} is unreadable ({one_line(err)}); "
         "use a new --workdir, or delete that file if the workdir is this experiment's"
       ) from None
     new = _flatten(json.loads(json.dumps(fingerprint)))
+    old = {**{k: v for k, v in _ADDED_OPTIONS.items() if k in new}, **old}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
       shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])

@@ -14,13 +14,18 @@ measured):
              resnet8x4 <- resnet32x4 (CIFAR-100, batch 128) and WRN-28-2 <- WRN-28-2
              (CIFAR-10, batch 512 = the SSL configs' 64 labelled + 448 unlabelled),
              in float32 and bfloat16: plain (mechanism none), default (online with
-             the base config's defaults: head scope) and online_cg5 (full network,
-             CG 5): median ms, steps/s, ratio to plain, XLA FLOPs, XLA's memory
-             estimate of each compiled step.
+             the base config's defaults: head scope, influence products in full
+             float32), default_tf32 (the same with the backend's precision for them:
+             TensorFloat-32 on NVIDIA GPUs) and online_cg5 (full network, CG 5):
+             median ms, steps/s, ratio to plain, XLA FLOPs, XLA's memory estimate
+             of each compiled step.
   epoch      ``train_and_evaluate`` on synthetic CIFAR-100-shaped data (50,000
              training images), resnet32x4 teacher one epoch, resnet8x4 student one
              epoch of default online KD-AIF, float32 and bfloat16: steps/s of each
              phase as the trainer logs them (data, augmentation, eval included).
+  tests      (not in the default --parts; about 4 minutes on an H200) pytest on the
+             test files whose results can differ on an accelerator (``GPU_TESTS``):
+             counts and each failure's first line.
 Peak device memory (``memory_stats``, where the backend reports it) after every part.
 ``--budget-s`` skips the parts that would start after it (recorded as skipped).
 """
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 
 import _common  # bench/_common.py (the script's folder is on sys.path)
 import jax
@@ -48,9 +54,21 @@ PAIRS = (  # student, teacher, batch, classes
   ("wrn_28_2", "wrn_28_2", 512, 10),
 )
 TINY_PAIRS = (("cnn_small", "cnn_large", 16, 10),)
-SETTINGS = ("plain", "default", "online_cg5")
+SETTINGS = ("plain", "default", "default_tf32", "online_cg5")
 DTYPES = ("float32", "bfloat16")
 BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+# The maths checked against float64 oracles and against each other at tight
+# tolerances: where an accelerator's arithmetic (TensorFloat-32, loop forms) shows.
+GPU_TESTS = (
+  "tests/test_influence.py",
+  "tests/test_loo.py",
+  "tests/test_precision.py",
+  "tests/test_step.py",
+  "tests/test_seam.py",
+  "tests/test_scope.py",
+)
+PARTS = ("influence", "steps", "epoch", "tests")
 
 
 def _one(e: Exception) -> str:
@@ -186,17 +204,51 @@ def epoch_part(tiny: bool) -> dict:
   return out
 
 
+def tests_part(files, keyword: str | None = None) -> dict:
+  """pytest on ``files`` (``-k keyword``) in a subprocess, from the repository root;
+  counts and each failure's first line from its JUnit XML."""
+  args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+  args += ["-k", keyword] if keyword else []
+  with tempfile.TemporaryDirectory() as tmp:
+    xml = os.path.join(tmp, "junit.xml")
+    cmd = [sys.executable, *args, f"--junitxml={xml}"]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    print(res.stdout[-3000:], flush=True)
+    if not os.path.exists(xml):
+      raise RuntimeError(f"pytest wrote no report (exit {res.returncode}): {res.stderr[-300:]}")
+    suite = ET.parse(xml).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = []
+    for case in suite.iter("testcase"):
+      for bad in list(case.findall("failure")) + list(case.findall("error")):
+        message = (bad.get("message") or bad.text or "").strip().splitlines()
+        failed.append(
+          f"{case.get('classname')}::{case.get('name')}: {message[0][:300] if message else ''}"
+        )
+  counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+  return {
+    "command": "python " + " ".join(args),
+    **counts,
+    "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+    "wall_s": round(time.perf_counter() - t0, 1),
+    "failed": failed,
+  }
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", required=True, help="the JSON to write (rewritten after each part)")
   ap.add_argument("--tiny", action="store_true", help="small models and data: checks the script")
   ap.add_argument("--repeats", type=int, default=10, help="timed calls per step (default 10)")
   ap.add_argument("--budget-s", type=float, default=420.0, help="no part starts after this")
-  ap.add_argument("--parts", nargs="+", default=["influence", "steps", "epoch"])
+  ap.add_argument(
+    "--parts", nargs="+", default=["influence", "steps", "epoch"], help=f"of {', '.join(PARTS)}"
+  )
   args = ap.parse_args()
-  unknown = set(args.parts) - {"influence", "steps", "epoch"}
+  unknown = set(args.parts) - set(PARTS)
   if unknown:
-    ap.error(f"--parts {' '.join(sorted(unknown))}: unknown; allowed: influence, steps, epoch")
+    ap.error(f"--parts {' '.join(sorted(unknown))}: unknown; allowed: {', '.join(PARTS)}")
   if args.repeats < 1:
     ap.error("--repeats must be >= 1")
   t0 = time.perf_counter()
@@ -210,6 +262,11 @@ def main() -> None:
       args.tiny, 2 if args.tiny else args.repeats, record.setdefault("steps", []), save
     ),
     "epoch": lambda: epoch_part(args.tiny),
+    "tests": lambda: (
+      tests_part(["tests/test_influence.py"], "nan_curvature")
+      if args.tiny
+      else tests_part(GPU_TESTS)
+    ),
   }
   for part in args.parts:
     started = time.perf_counter() - t0
@@ -228,6 +285,8 @@ def main() -> None:
     save()
   failed = sorted(record.get("errors", {}))
   failed += [f"steps {r['student']} {r['dtype']}" for r in record.get("steps", []) if "error" in r]
+  if record.get("tests", {}).get("failed"):
+    failed.append(f"tests ({len(record['tests']['failed'])} failed)")
   print(f"\nwrote {args.out} in {record['total_s']} s; failed parts: {failed or 'none'}")
   sys.exit(1 if failed else 0)
 

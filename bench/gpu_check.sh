@@ -10,7 +10,9 @@
 #   PYTHON=python3         the interpreter whose jax sees the GPU (jax[cuda] installed)
 #   WHEELS=DIR             install missing packages from these wheels (offline machines)
 #   GPU_CHECK_ALLOW_CPU=1  run anyway when jax sees no GPU (to check the script)
-#   GPU_CHECK_ARGS=...     extra arguments for bench/gpu_check.py (e.g. --tiny)
+#   GPU_CHECK_ARGS=...     extra arguments for bench/gpu_check.py (e.g. --tiny, or
+#                          "--parts tests": the accelerator-sensitive test files,
+#                          about 4 minutes on an H200, best as a call of its own)
 #
 # The project itself is put on PYTHONPATH, not pip-installed: setup.cfg pins the jax
 # this project is tested with on CPU, and installing it would replace the GPU build.

@@ -35,6 +35,9 @@ R in {1, 5, 10}, from online_cg5 and online_stale.
 
   default          mechanism online with every other option at the base config's
                    defaults: what a user gets (the target below)
+  default_tf32     default with kdaif.matmul_precision=default: the backend's
+                   matrix-product precision for the influence maths (TensorFloat-32
+                   on NVIDIA GPUs; the same program as default on CPU)
   online_head      kdaif.scope=head (influence in the classifier layer), CG 5
 The online_cgK / online_stale / online_identity settings use kdaif.scope=all (the
 full-network solve every step; `--config.kdaif.scope=all` in a run).
@@ -86,6 +89,7 @@ SWEEP = (
 ALL_SETTINGS = (
   "plain",
   "default",
+  "default_tf32",
   "teacher_forward",
   "online_head",
   "online_stale",
@@ -344,6 +348,8 @@ def setting_config(name: str):
     return make_cfg("none"), True
   if name == "default":
     return make_cfg("online"), True
+  if name == "default_tf32":
+    return make_cfg("online", matmul_precision="default"), True
   if name == "online_head":
     return make_cfg("online", cg_iters=5, scope="head"), True
   if name == "online_stale":

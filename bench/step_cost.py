@@ -227,8 +227,8 @@ def _memory_bytes(compiled) -> int | None:
     return None
 
 
-def measure(fn, args, repeats: int | None, label: str) -> dict:
-  """Compile ahead, one untimed run, ``repeats`` timed runs; returns the record.
+def measure(fn, args, repeats: int | None, label: str, warmup: int = 1) -> dict:
+  """Compile ahead, ``warmup`` untimed runs, ``repeats`` timed runs; returns the record.
 
   ``repeats=None`` compiles only (compile time and XLA's FLOP count, no run).
   ``memory_bytes``: XLA's static estimate of the compiled step's device memory.
@@ -250,7 +250,7 @@ def measure(fn, args, repeats: int | None, label: str) -> dict:
   if repeats is None:
     print(f"  {label:18s} {'(not timed)':>13s}   {gflop}  (compile {compile_s:6.1f} s)", flush=True)
     return rec
-  r = _common.time_fn(compiled, args, repeats, warmup=1)
+  r = _common.time_fn(compiled, args, repeats, warmup=warmup)
   out = r.pop("out")
   rec.update(
     median_ms=r["median_ms"],
@@ -282,11 +282,14 @@ def run_pair(
   num_classes: int = NUM_CLASSES,
   dtype: str = "float32",
   breakdown: bool = True,
+  warmup: int = 1,
 ) -> dict:
   """Measures ``timed`` settings and compiles ``untimed`` ones (FLOPs only) for one pair.
 
   ``dtype``: the networks' compute dtype (``config.dtype``; influence stays float32).
   ``breakdown``: also compile the parts of the influence block (FLOPs only).
+  ``warmup``: untimed runs before the timed ones (a GPU's clocks and autotuned
+  kernels settle over the first few).
   """
   precision = {} if dtype == "float32" else {"dtype": dtype}
   student = models.create(student_name, num_classes, **precision)
@@ -312,7 +315,8 @@ def run_pair(
     if name == "teacher_forward":
       x = prepare(batch["images"])
       fn = lambda tp, tms, x: teacher.apply(tp, tms, x, False)[0]
-      res[name] = measure(fn, (state.teacher.params, state.teacher.model_state, x), reps, name)
+      tx_args = (state.teacher.params, state.teacher.model_state, x)
+      res[name] = measure(fn, tx_args, reps, name, warmup)
       continue
     cfg, refresh = setting_config(name)
     fn = step_lib.make_kd_step(
@@ -325,7 +329,7 @@ def run_pair(
       refresh=refresh,
       axis_name=None,
     )
-    res[name] = measure(fn, args, reps, name)
+    res[name] = measure(fn, args, reps, name, warmup)
   parts = {}
   for name in ("default", "online_cg5") if breakdown else ():
     cfg, _ = setting_config(name)
@@ -339,6 +343,7 @@ def run_pair(
     "param_counts": counts,
     "steps": res,
     "breakdown": parts,
+    "warmup": warmup,
   }
 
 

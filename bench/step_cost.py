@@ -129,10 +129,11 @@ def part_flops(student, teacher, state, batch, val, cfg) -> dict:
   t_logits = teacher.apply(state.teacher.params, state.teacher.model_state, x, False)[0]
 
   def scoped(params, t_logits):
+    precision = opts.influence.precision
     train = objectives.training_loss(
-      student, stu.model_state, x, lambda out: opts.kd(out, t_logits, y)
+      student, stu.model_state, x, lambda out: opts.kd(out, t_logits, y), precision
     )
-    vl = objectives.validation_loss(student, stu.model_state, xv, val["labels"])
+    vl = objectives.validation_loss(student, stu.model_state, xv, val["labels"], precision)
     return online.scope_restrict(opts.influence.scope, params, train, vl)
 
   def val_gradient(params, t_logits):
@@ -315,8 +316,8 @@ def run_pair(
     if name == "teacher_forward":
       x = prepare(batch["images"])
       fn = lambda tp, tms, x: teacher.apply(tp, tms, x, False)[0]
-      tx_args = (state.teacher.params, state.teacher.model_state, x)
-      res[name] = measure(fn, tx_args, reps, name, warmup)
+      teacher_args = (state.teacher.params, state.teacher.model_state, x)
+      res[name] = measure(fn, teacher_args, reps, name, warmup)
       continue
     cfg, refresh = setting_config(name)
     fn = step_lib.make_kd_step(

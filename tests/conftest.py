@@ -9,7 +9,20 @@ the suite's time. It changes no result, only how often XLA compiles.
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kdaif_jax_test_xla_cache")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+@pytest.fixture
+def eight_cpu_env() -> dict:
+  """The environment of a subprocess with 8 simulated devices: CPUs, also on a
+  machine whose default backend is a GPU (where XLA_FLAGS alone leaves one GPU)."""
+  return {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+  }

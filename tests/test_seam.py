@@ -193,17 +193,11 @@ def _check(got, ref, ref_weights, where):
   )
 
 
-def test_sharded_step_scores_equal_batch_influence():
-  # JAX_PLATFORMS: on a machine with a GPU the 8 simulated devices are still CPUs.
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "JAX_PLATFORMS": "cpu",
-  }
+def test_sharded_step_scores_equal_batch_influence(eight_cpu_env):
   proc = subprocess.Popen(
     [sys.executable, "-c", _EIGHT.format(root=ROOT)],
     cwd=ROOT,
-    env=env,
+    env=eight_cpu_env,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

@@ -429,16 +429,15 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_eight_devices_match_one(tmp_path):
-  # JAX_PLATFORMS: on a machine with a GPU the 8 simulated devices are still CPUs.
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-    "JAX_PLATFORMS": "cpu",
-  }
+def test_eight_devices_match_one(tmp_path, eight_cpu_env):
   code = _MULTI.format(root=ROOT, tmp=str(tmp_path))
   res = subprocess.run(
-    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    env=eight_cpu_env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert res.returncode == 0, res.stderr[-3000:]
   out = json.loads(res.stdout.split("RESULT", 1)[1])

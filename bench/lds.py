@@ -22,8 +22,9 @@ bench/results/lds_cache/ by task, protocol, seed and a hash of the settings;
 ``--methods`` run variants (merged into the results file). The attributions are
 computed at the model trained on the whole training set by the same protocol
 (seed 0), by the library pipeline (``influence.solve_direction`` vmapped over
-test examples, then ``influence.scores``); times are wall seconds, compiling
-included.
+test examples, then ``influence.scores``); the ``trajectory`` methods average
+them over K checkpoints of that model's one training run (``--checkpoints``,
+``--first-checkpoint``); times are wall seconds, compiling included.
 
 The ``detect`` part trains each task once on labels with 20% symmetric flips and
 ranks the examples by self-influence (``kdaif_jax.self_influence``, exact in the
@@ -104,6 +105,10 @@ def make_trainer(
 ):
   """``train(idx [k], init_key, data_key, w=None) -> params``: one retraining on ``x[idx]``.
 
+  Both returned trainers take ``keep`` (a static tuple of step counts): then they
+  return the parameters after each of those steps, stacked on a leading axis [K, ...]
+  (the checkpoints of the one run, for the ``trajectory`` method).
+
   ``w`` (optional, [N]): per-example weights, the loss Σ w_i ℓ_i / Σ w_i over each
   batch, so that the trained parameters are a differentiable function of them
   (bench/lds_probes.py's unrolled derivative; ``w = 1`` is the plain mean).
@@ -129,28 +134,49 @@ def make_trainer(
     upd, st = opt.update(g, st, p)
     return (optax.apply_updates(p, upd), st), None
 
-  def train(idx, init_key, data_key, w=None):
+  def train(idx, init_key, data_key, w=None, keep=()):
     p = init(init_key)
-    body = lambda c, t: step(c, t, idx, data_key, w)
-    return jax.lax.scan(body, (p, opt.init(p)), jnp.arange(steps))[0][0]
+
+    def body(c, t):
+      c = step(c, t, idx, data_key, w)[0]
+      return c, (c[0] if keep else None)  # every step's parameters only when asked
+
+    (p, _), path = jax.lax.scan(body, (p, opt.init(p)), jnp.arange(steps))
+    return jax.tree.map(lambda a: a[jnp.asarray(keep) - 1], path) if keep else p
 
   jstep = jax.jit(lambda c, t, idx, dk: step(c, t, idx, dk)[0])
 
-  def train_loop(idx, init_key, data_key):
+  def train_loop(idx, init_key, data_key, keep=()):
     carry = (init(init_key), None)
     carry = (carry[0], opt.init(carry[0]))
+    kept = []
     for t in range(steps):
       carry = jstep(carry, jnp.asarray(t), idx, data_key)
-    return carry[0]
+      if t + 1 in keep:
+        kept.append(carry[0])
+    return jax.tree.map(lambda *a: jnp.stack(a), *kept) if keep else carry[0]
 
-  return train_loop if loop else jax.jit(train), train
+  return train_loop if loop else jax.jit(train, static_argnames="keep"), train
+
+
+def schedule(task: str, protocol: str, quick: bool):
+  """(learning rate, steps, batch) of one protocol's training (quick: half the steps)."""
+  lr, steps, batch = TASKS[task][protocol]
+  return lr, max(1, steps // (2 if quick else 1)), batch
+
+
+def whole_keys(protocol: str, seed: int):
+  """(init key, data-order key) of the model trained on the whole training set."""
+  base = jax.random.key(seed)
+  if protocol == "full":  # the init every subset shares
+    return base, base
+  return tuple(jax.random.split(jax.random.fold_in(base, 10**6)))
 
 
 def ground_truth(task, protocol, seed, masks, data, args):
   """Test losses [m, T] of the m retrainings (cached), and the whole-set model."""
   cfg = TASKS[task]
-  lr, steps, batch = cfg[protocol]
-  steps = max(1, steps // (2 if args.quick else 1))
+  lr, steps, batch = schedule(task, protocol, args.quick)
   (x, y), (xt, yt), _ = data
   init, apply = make_model(task)
   settings = [task, protocol, seed, cfg["wd"], lr, steps, batch, N_TRAIN, xt.shape[0]]
@@ -165,8 +191,7 @@ def ground_truth(task, protocol, seed, masks, data, args):
   base = jax.random.key(seed)
   # full: one shared init; seeded: subset j's own init and data-order keys.
   shared = protocol == "full"
-  whole_keys = (base, base) if shared else tuple(jax.random.split(jax.random.fold_in(base, 10**6)))
-  whole = train_one(jnp.arange(N_TRAIN), *whole_keys)
+  whole = train_one(jnp.arange(N_TRAIN), *whole_keys(protocol, seed))
   if path.exists():
     cached = np.load(path)
     return cached["outputs"], whole, float(cached["seconds"])
@@ -273,10 +298,66 @@ def influence_scores(task, params, data, method, args, apply=None):
   return np.concatenate(out).T, time.perf_counter() - t0
 
 
-def methods_for(task, quick, hessian=False, dampings=None, array_blocks=False):
+# The trajectory methods: K checkpoints of the one run, log-spaced from first·T to T
+# (the early steps, where the network moves fastest, sampled densely; the first ~2%
+# sit near the random initialisation, whose scores rank poorly: BENCHMARKS.md §5),
+# scored by each task's best single-model setting of the sweeps.
+TRAJECTORY = (10, 0.02)
+TRAJECTORY_INNER = {
+  "logreg": (("all", 1e-3),),
+  "mlp": (("all", 3e-3), ("blocks", 1e-3)),
+  "cnn_small": (("head", 1e-3),),
+}
+
+
+def standardised(scores: np.ndarray) -> np.ndarray:
+  """Scores [N, T] over their standard deviation across the training examples, per test
+  example: the form in which several models' or checkpoints' scores are averaged (their
+  scales differ by orders of magnitude, and the LDS only ranks)."""
+  return scores / np.std(scores, axis=0, keepdims=True)
+
+
+def checkpoint_steps(steps: int, k: int, first: float) -> tuple[int, ...]:
+  """K checkpoint steps, log-spaced from ``first``·T to the last step T (distinct)."""
+  grid = np.round(np.geomspace(max(1.0, first * steps), steps, k)).astype(int)
+  return tuple(int(t) for t in np.unique(grid))
+
+
+def trajectory_scores(task, protocol, data, method, args):
+  """Influence averaged over the checkpoints of the one whole-set training run.
+
+  The whole-set model is retrained by its protocol (its own keys, as in
+  ``ground_truth``) keeping the parameters at ``checkpoint_steps``; the inner
+  method scores every checkpoint, and the ``standardised`` scores are averaged
+  (early checkpoints' gradients are orders of magnitude larger). Like TracIn's
+  checkpoints (Pruthi et al. 2020) with the inverse curvature at each, and in the
+  spirit of SOURCE's segments (Bae et al. 2024): one training run, no retraining.
+  Returns (scores [N, T], seconds, steps, each checkpoint's scores).
+  """
+  _, k, first, inner = method
+  lr, steps, batch = schedule(task, protocol, args.quick)
+  (x, y), _, _ = data
+  init, apply = make_model(task)
+  loop = task == "cnn_small" and jax.default_backend() == "cpu"
+  train_one = make_trainer(init, apply, TASKS[task]["wd"], lr, steps, batch, x, y, loop)[0]
+  keep = checkpoint_steps(steps, k, first)
+  t0 = time.perf_counter()
+  path = train_one(jnp.arange(N_TRAIN), *whole_keys(protocol, 0), keep=keep)
+  each = [
+    influence_scores(task, jax.tree.map(lambda a, j=j: a[j], path), data, inner, args)[0]
+    for j in range(len(keep))
+  ]
+  mean = np.mean([standardised(s) for s in each], axis=0)
+  return mean, time.perf_counter() - t0, keep, each
+
+
+def methods_for(
+  task, quick, hessian=False, dampings=None, array_blocks=False, checkpoints=TRAJECTORY
+):
   """(label, (scope, curvature, solver, damping, iterations)) of the methods compared.
 
-  ``dampings`` replaces the task's GN-CG damping sweep when given.
+  ``dampings`` replaces the task's GN-CG damping sweep when given. The trajectory
+  methods are ("trajectory", K, first, inner method) with ``checkpoints`` = (K, first).
   """
   it = 10 if quick else ITERS[task]
   default = {"logreg": DAMPINGS, "mlp": DAMPINGS[1:], "cnn_small": (1e-3, 1e-2)}[task]
@@ -296,6 +377,11 @@ def methods_for(task, quick, hessian=False, dampings=None, array_blocks=False):
     out += [
       (f"layer blocks GN-CG λ={d:g}, {it} it.", ("blocks", "ggn", "cg", d, it)) for d in dampings
     ]
+  k, first = checkpoints
+  for scope, d in TRAJECTORY_INNER[task]:
+    name = {"all": "GN-CG", "head": "last layer GN-CG", "blocks": "layer blocks GN-CG"}[scope]
+    label = f"trajectory ({k} checkpoints from {first:g}T) {name} λ={d:g}, {it} it."
+    out.append((label, ("trajectory", k, first, (scope, "ggn", "cg", d, it))))
   if task != "logreg" and array_blocks:  # finer: measured worse (BENCHMARKS.md §5), on request
     out += [
       (f"array blocks GN-CG λ={d:g}, {it} it.", ("leaves", "ggn", "cg", d, it)) for d in dampings
@@ -326,10 +412,17 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   _, apply = make_model(task)
   rec["whole_model_test_accuracy"] = float(jnp.mean(jnp.argmax(apply(whole, xt), -1) == yt))
   array_blocks = "array blocks" in args.methods
-  for label, method in methods_for(task, args.quick, args.hessian, args.dampings, array_blocks):
+  trajectory = (args.checkpoints, args.first_checkpoint)
+  for label, method in methods_for(
+    task, args.quick, args.hessian, args.dampings, array_blocks, trajectory
+  ):
     if args.methods and not any(part in label for part in args.methods.split(",")):
       continue
-    scores, secs = influence_scores(task, whole, data, method, args)
+    each = None
+    if method[0] == "trajectory":
+      scores, secs, steps, each = trajectory_scores(task, protocol, data, method, args)
+    else:
+      scores, secs = influence_scores(task, whole, data, method, args)
     res = lds.lds(jnp.asarray(scores), masks, jnp.asarray(truth))
     score = float(res.mean)
     boot = lds.bootstrap_subsets(jnp.asarray(scores), masks, jnp.asarray(truth), jax.random.key(0))
@@ -341,6 +434,11 @@ def run_lds(task, protocol, data, masks, args) -> dict:
       "fraction_of_ceiling": round(score / rec["noise_ceiling"], 3),
       "seconds": round(secs, 1),
     }
+    if each is not None:  # which checkpoints, and what each alone would have scored
+      rec["methods"][label]["checkpoint_steps"] = list(steps)
+      rec["methods"][label]["lds_each_checkpoint"] = [
+        round(float(lds.lds(jnp.asarray(e), masks, jnp.asarray(truth)).mean), 4) for e in each
+      ]
     if args.blocks > 1:  # what m / blocks subsets would have measured, block by block
       rows = np.array_split(np.arange(masks.shape[0]), args.blocks)
       rec["methods"][label]["lds_blocks"] = [
@@ -424,6 +522,15 @@ def main():
     help="also the cnn_small full-batch protocol (50 x 200 full-batch CNN steps: ~30 min here)",
   )
   ap.add_argument("--methods", default="", help="only methods whose label contains one of these")
+  ap.add_argument(
+    "--checkpoints", type=int, default=TRAJECTORY[0], help="K, the trajectory methods' checkpoints"
+  )
+  ap.add_argument(
+    "--first-checkpoint",
+    type=float,
+    default=TRAJECTORY[1],
+    help="the trajectory methods' first checkpoint, a fraction of the steps (then log-spaced)",
+  )
   ap.add_argument(
     "--blocks",
     type=int,

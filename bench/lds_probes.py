@@ -163,7 +163,6 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, probe="e
     subsets = lds.subset_indices(lds.sample_masks(jax.random.key(999), k, bench.N_TRAIN, 0.5))
   else:
     subsets = jnp.tile(jnp.arange(bench.N_TRAIN), (k, 1))
-  standard = lambda s: s / np.std(s, axis=0, keepdims=True)  # per test example
   whole_scores, whole_seconds = bench.influence_scores(task, whole, data, method, args)
   rec = {"whole_model": _lds(whole_scores, masks, truth), "whole_seconds": round(whole_seconds, 1)}
   rec.update(
@@ -178,12 +177,12 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, probe="e
     else:
       keys = jax.random.split(jax.random.fold_in(base, offset + j))
     scores = bench.influence_scores(task, train_one(subsets[j], *keys), data, method, args)[0]
-    acc.append(standard(scores))
+    acc.append(bench.standardised(scores))
     rec[single].append(_lds(scores, masks, truth))
     rec[name].append(_lds(np.mean(acc, 0), masks, truth))
-    both = (np.sum(acc, 0) + standard(whole_scores)) / (len(acc) + 1)
+    both = (np.sum(acc, 0) + bench.standardised(whole_scores)) / (len(acc) + 1)
     rec[f"{name}_and_whole"].append(_lds(both, masks, truth))  # every model alike
-    even = 0.5 * np.mean(acc, 0) + 0.5 * standard(whole_scores)
+    even = 0.5 * np.mean(acc, 0) + 0.5 * bench.standardised(whole_scores)
     rec["whole_half_weight"].append(_lds(even, masks, truth))  # the whole model half the vote
     rec["seconds"].append(round(time.perf_counter() - t0 + whole_seconds, 1))
     print(f"  {task}/{protocol} ensemble of {name} K={j + 1}: {rec[name][-1]}, "

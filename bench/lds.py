@@ -302,11 +302,12 @@ def influence_scores(task, params, data, method, args, apply=None):
 # (the early steps, where the network moves fastest, sampled densely; the first ~2%
 # sit near the random initialisation, whose scores rank poorly: BENCHMARKS.md §5),
 # scored by each task's best single-model setting of the sweeps.
+# The identity solver at the same checkpoints is TracIn-CP (Pruthi et al. 2020).
 TRAJECTORY = (10, 0.02)
 TRAJECTORY_INNER = {
-  "logreg": (("all", 1e-3),),
-  "mlp": (("all", 3e-3), ("blocks", 1e-3)),
-  "cnn_small": (("head", 1e-3),),
+  "logreg": (("all", "cg", 1e-3), ("all", "identity", 0.0)),
+  "mlp": (("all", "cg", 3e-3), ("blocks", "cg", 1e-3), ("all", "identity", 0.0)),
+  "cnn_small": (("head", "cg", 1e-3), ("all", "identity", 0.0)),
 }
 
 
@@ -378,10 +379,13 @@ def methods_for(
       (f"layer blocks GN-CG λ={d:g}, {it} it.", ("blocks", "ggn", "cg", d, it)) for d in dampings
     ]
   k, first = checkpoints
-  for scope, d in TRAJECTORY_INNER[task]:
+  for scope, solver, d in TRAJECTORY_INNER[task]:
     name = {"all": "GN-CG", "head": "last layer GN-CG", "blocks": "layer blocks GN-CG"}[scope]
-    label = f"trajectory ({k} checkpoints from {first:g}T) {name} λ={d:g}, {it} it."
-    out.append((label, ("trajectory", k, first, (scope, "ggn", "cg", d, it))))
+    name = f"{name} λ={d:g}, {it} it." if solver == "cg" else "identity (TracIn-CP)"
+    inner = (scope, "ggn", solver, d, it if solver == "cg" else 1)
+    out.append(
+      (f"trajectory ({k} checkpoints from {first:g}T) {name}", ("trajectory", k, first, inner))
+    )
   if task != "logreg" and array_blocks:  # finer: measured worse (BENCHMARKS.md §5), on request
     out += [
       (f"array blocks GN-CG λ={d:g}, {it} it.", ("leaves", "ggn", "cg", d, it)) for d in dampings

@@ -105,9 +105,10 @@ def make_trainer(
 ):
   """``train(idx [k], init_key, data_key, w=None) -> params``: one retraining on ``x[idx]``.
 
-  Both returned trainers take ``keep`` (a static tuple of step counts): then they
-  return the parameters after each of those steps, stacked on a leading axis [K, ...]
-  (the checkpoints of the one run, for the ``trajectory`` method).
+  Both returned trainers take ``keep`` (a static, increasing tuple of step counts in
+  1..steps): then they return the parameters after each of those steps, stacked on a
+  leading axis [K, ...] (the checkpoints of the one run, for the ``trajectory``
+  method; the scan holds every step's parameters until it selects them).
 
   ``w`` (optional, [N]): per-example weights, the loss Σ w_i ℓ_i / Σ w_i over each
   batch, so that the trained parameters are a differentiable function of them
@@ -134,7 +135,12 @@ def make_trainer(
     upd, st = opt.update(g, st, p)
     return (optax.apply_updates(p, upd), st), None
 
+  def check(keep):
+    if list(keep) != sorted(set(keep)) or (keep and not 1 <= keep[0] <= keep[-1] <= steps):
+      raise ValueError(f"keep: {keep!r}; allowed: increasing step counts in 1..{steps}")
+
   def train(idx, init_key, data_key, w=None, keep=()):
+    check(keep)
     p = init(init_key)
 
     def body(c, t):
@@ -147,6 +153,7 @@ def make_trainer(
   jstep = jax.jit(lambda c, t, idx, dk: step(c, t, idx, dk)[0])
 
   def train_loop(idx, init_key, data_key, keep=()):
+    check(keep)
     carry = (init(init_key), None)
     carry = (carry[0], opt.init(carry[0]))
     kept = []
@@ -315,7 +322,8 @@ def standardised(scores: np.ndarray) -> np.ndarray:
   """Scores [N, T] over their standard deviation across the training examples, per test
   example: the form in which several models' or checkpoints' scores are averaged (their
   scales differ by orders of magnitude, and the LDS only ranks)."""
-  return scores / np.std(scores, axis=0, keepdims=True)
+  std = np.std(scores, axis=0, keepdims=True)
+  return scores / np.where(std > 0, std, 1.0)  # a constant column stays 0, not NaN
 
 
 def checkpoint_steps(steps: int, k: int, first: float) -> tuple[int, ...]:
@@ -324,10 +332,10 @@ def checkpoint_steps(steps: int, k: int, first: float) -> tuple[int, ...]:
   return tuple(int(t) for t in np.unique(grid))
 
 
-def trajectory_scores(task, protocol, data, method, args):
+def trajectory_scores(task, protocol, seed, data, method, args):
   """Influence averaged over the checkpoints of the one whole-set training run.
 
-  The whole-set model is retrained by its protocol (its own keys, as in
+  The whole-set model of ``seed`` is retrained by its protocol (its own keys, as in
   ``ground_truth``) keeping the parameters at ``checkpoint_steps``; the inner
   method scores every checkpoint, and the ``standardised`` scores are averaged
   (early checkpoints' gradients are orders of magnitude larger). Like TracIn's
@@ -343,7 +351,7 @@ def trajectory_scores(task, protocol, data, method, args):
   train_one = make_trainer(init, apply, TASKS[task]["wd"], lr, steps, batch, x, y, loop)[0]
   keep = checkpoint_steps(steps, k, first)
   t0 = time.perf_counter()
-  path = train_one(jnp.arange(N_TRAIN), *whole_keys(protocol, 0), keep=keep)
+  path = train_one(jnp.arange(N_TRAIN), *whole_keys(protocol, seed), keep=keep)
   each = [
     influence_scores(task, jax.tree.map(lambda a, j=j: a[j], path), data, inner, args)[0]
     for j in range(len(keep))
@@ -424,7 +432,7 @@ def run_lds(task, protocol, data, masks, args) -> dict:
       continue
     each = None
     if method[0] == "trajectory":
-      scores, secs, steps, each = trajectory_scores(task, protocol, data, method, args)
+      scores, secs, steps, each = trajectory_scores(task, protocol, 0, data, method, args)
     else:
       scores, secs = influence_scores(task, whole, data, method, args)
     res = lds.lds(jnp.asarray(scores), masks, jnp.asarray(truth))

@@ -16,7 +16,7 @@ cross-entropy + (wd/2)‖θ‖². Retraining protocols (``kdaif_jax.lds`` for th
           comes from two more retrainings of the same subsets with seeds 1 and 2.
 
 Retraining is one ``jax.vmap`` over the subsets (the CNN on CPU: one subset at a
-time, see ``ground_truth``); every ground truth (test losses [m, T]) is cached in
+time, see ``python_loop``); every ground truth (test losses [m, T]) is cached in
 bench/results/lds_cache/ by task, protocol, seed and a hash of the settings;
 ``--tasks``, ``--wd``, ``--full-steps``, ``--iters``, ``--hessian`` and
 ``--methods`` run variants (merged into the results file). The attributions are
@@ -166,6 +166,14 @@ def make_trainer(
   return train_loop if loop else jax.jit(train, static_argnames="keep"), train
 
 
+def python_loop(task: str) -> bool:
+  """Whether ``task`` trains from Python, a jitted call per step (``make_trainer``'s
+  ``loop``): the CNN on CPU, where vmapped kernels become grouped convolutions (1.6 s
+  per step for 50 models against 10.8 ms per model one at a time) and convolutions in
+  a ``lax.scan`` body run ~20x slower."""
+  return task == "cnn_small" and jax.default_backend() == "cpu"
+
+
 def schedule(task: str, protocol: str, quick: bool):
   """(learning rate, steps, batch) of one protocol's training (quick: half the steps)."""
   lr, steps, batch = TASKS[task][protocol]
@@ -191,9 +199,7 @@ def ground_truth(task, protocol, seed, masks, data, args):
   path = (
     _common.RESULTS_DIR / "lds_cache" / f"{task}-{protocol}-seed{seed}-{tag.hexdigest()[:10]}.npz"
   )
-  # The CNN on CPU: vmapped kernels become grouped convolutions, measured 1.6 s per step
-  # for 50 models against 10.8 ms per model one at a time: retrain it subset by subset.
-  loop = task == "cnn_small" and jax.default_backend() == "cpu"
+  loop = python_loop(task)  # then subset by subset
   train_one, train = make_trainer(init, apply, cfg["wd"], lr, steps, batch, x, y, loop)
   base = jax.random.key(seed)
   # full: one shared init; seeded: subset j's own init and data-order keys.
@@ -347,7 +353,7 @@ def trajectory_scores(task, protocol, seed, data, method, args):
   lr, steps, batch = schedule(task, protocol, args.quick)
   (x, y), _, _ = data
   init, apply = make_model(task)
-  loop = task == "cnn_small" and jax.default_backend() == "cpu"
+  loop = python_loop(task)
   train_one = make_trainer(init, apply, TASKS[task]["wd"], lr, steps, batch, x, y, loop)[0]
   keep = checkpoint_steps(steps, k, first)
   t0 = time.perf_counter()
@@ -473,7 +479,7 @@ def run_detect(task, data, args) -> dict:
   y_noisy = jnp.where(jnp.asarray(noisy), (y + jnp.asarray(rng.integers(1, K, N_TRAIN))) % K, y)
   init, apply = make_model(task)
   lr, steps, batch = TASKS[task]["seeded"]
-  loop = task == "cnn_small" and jax.default_backend() == "cpu"
+  loop = python_loop(task)
   train = make_trainer(init, apply, TASKS[task]["wd"], lr, steps, batch, x, y_noisy, loop)[0]
   params = train(jnp.arange(N_TRAIN), jax.random.key(0), jax.random.key(1))
   loss = influence.PerExampleLoss(lambda p: apply(p, x), lambda o: losses.cross_entropy(o, y_noisy))

@@ -72,8 +72,8 @@ def _weighted_training(task: str, x, y, dtype=jnp.float32):
   init, apply = bench.make_model(task)
   cast = lambda key: jax.tree.map(lambda a: a.astype(dtype), init(key))
   train = bench.make_trainer(cast, apply, cfg["wd"], lr, steps, None, x.astype(dtype), y)[1]
-  idx, key = jnp.arange(bench.N_TRAIN), jax.random.key(0)  # the protocol's shared init
-  return (lambda w: train(idx, key, key, w)), apply
+  keys = bench.whole_keys("full", 0)  # the protocol's shared init
+  return (lambda w: train(jnp.arange(bench.N_TRAIN), *keys, w)), apply
 
 
 def unrolled(task: str, data, masks, truth, whole, nt: int, chunk: int) -> dict:
@@ -154,7 +154,7 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, probe="e
   cfg = bench.TASKS[task]
   lr, steps, batch = cfg[protocol]
   init, apply = bench.make_model(task)
-  loop = task == "cnn_small" and jax.default_backend() == "cpu"
+  loop = bench.python_loop(task)
   train_one = bench.make_trainer(init, apply, cfg["wd"], lr, steps, batch, x, y, loop)[0]
   args = types.SimpleNamespace(quick=False)
   name, single, offset = MEMBERS[probe]

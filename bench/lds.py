@@ -50,7 +50,7 @@ import optax
 from flax import traverse_util
 from sklearn.datasets import load_digits
 
-from kdaif_jax import influence, lds, losses, metrics, models, online
+from kdaif_jax import influence, lds, losses, metrics, models, online, trajectory
 from kdaif_jax import self_influence as si
 
 K = 10
@@ -324,26 +324,12 @@ TRAJECTORY_INNER = {
 }
 
 
-def standardised(scores: np.ndarray) -> np.ndarray:
-  """Scores [N, T] over their standard deviation across the training examples, per test
-  example: the form in which several models' or checkpoints' scores are averaged (their
-  scales differ by orders of magnitude, and the LDS only ranks)."""
-  std = np.std(scores, axis=0, keepdims=True)
-  return scores / np.where(std > 0, std, 1.0)  # a constant column stays 0, not NaN
-
-
-def checkpoint_steps(steps: int, k: int, first: float) -> tuple[int, ...]:
-  """K checkpoint steps, log-spaced from ``first``·T to the last step T (distinct)."""
-  grid = np.round(np.geomspace(max(1.0, first * steps), steps, k)).astype(int)
-  return tuple(int(t) for t in np.unique(grid))
-
-
 def trajectory_scores(task, protocol, seed, data, method, args):
   """Influence averaged over the checkpoints of the one whole-set training run.
 
   The whole-set model of ``seed`` is retrained by its protocol (its own keys, as in
-  ``ground_truth``) keeping the parameters at ``checkpoint_steps``; the inner
-  method scores every checkpoint, and the ``standardised`` scores are averaged
+  ``ground_truth``) keeping the parameters at ``trajectory.checkpoint_steps``; the
+  inner method scores every checkpoint, and ``trajectory.average`` averages the scores
   (early checkpoints' gradients are orders of magnitude larger). Like TracIn's
   checkpoints (Pruthi et al. 2020) with the inverse curvature at each, and in the
   spirit of SOURCE's segments (Bae et al. 2024): one training run, no retraining.
@@ -355,14 +341,14 @@ def trajectory_scores(task, protocol, seed, data, method, args):
   init, apply = make_model(task)
   loop = python_loop(task)
   train_one = make_trainer(init, apply, TASKS[task]["wd"], lr, steps, batch, x, y, loop)[0]
-  keep = checkpoint_steps(steps, k, first)
+  keep = trajectory.checkpoint_steps(steps, k, first)
   t0 = time.perf_counter()
   path = train_one(jnp.arange(N_TRAIN), *whole_keys(protocol, seed), keep=keep)
   each = [
     influence_scores(task, jax.tree.map(lambda a, j=j: a[j], path), data, inner, args)[0]
     for j in range(len(keep))
   ]
-  mean = np.mean([standardised(s) for s in each], axis=0)
+  mean = trajectory.average(each)  # standardised per test example, then averaged
   return mean, time.perf_counter() - t0, keep, each
 
 

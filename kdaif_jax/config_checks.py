@@ -134,6 +134,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.proxy_epochs", 0, integer=True)
   _number(cfg, f"{k}.whole_set.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.whole_set.curvature_size", 1, integer=True)
+  _number(cfg, f"{k}.whole_set.trajectory", 0, integer=True)
+  if cfg.kdaif.whole_set.trajectory == 1:  # the final scoring alone: final_influence again
+    _fail(f"{k}.whole_set.trajectory", 1, "0 (off) or an integer >= 2 (the final one included)")
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   _number(cfg, f"{k}.joint.every", 1, integer=True)

@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from kdaif_jax import evaluation, loop, metrics, models, parallel
+from kdaif_jax import evaluation, loop, metrics, models, parallel, trajectory
 from kdaif_jax import step as step_lib
 from kdaif_jax.logs import log
 from kdaif_jax.loop import PhaseTime
@@ -30,6 +30,7 @@ def finish(
   scorer,
   times: dict[str, PhaseTime],
   t_start: float,
+  trajectory_epochs: tuple[int, ...] = (),
 ) -> dict:
   """Evaluates, scores and writes the run's result files; returns the summary.
 
@@ -39,6 +40,9 @@ def finish(
     scorer: the whole-set scorer (``scoring.make_whole_set_scorer``).
     times: the phases' wall times and step rates.
     t_start: ``time.time()`` when this invocation started.
+    trajectory_epochs: the epochs whose saved whole-set scores the final ones join
+      in weights.csv's ``trajectory_influence`` (``kdaif_jax.trajectory``; empty:
+      no such column).
 
   Returns:
     The summary dict also written to ``WORKDIR/summary.json``.
@@ -64,8 +68,9 @@ def finish(
     infl, w = parallel.to_host((state.last_scores, state.last_weights))
   self_infl = _self_influence(run, state, scorer, np.full_like(final_scores, np.nan))
   main = parallel.is_main_process()  # every process computes; process 0 writes the files
+  traj = _trajectory(run, trajectory_epochs, final_scores) if trajectory_epochs and main else None
   if main:
-    _write_weights_csv(run, infl, w, final_scores, self_infl)
+    _write_weights_csv(run, infl, w, final_scores, self_infl, traj and traj[0])
   if ds.text is not None and main:
     _add_text_column(run)
   if main:
@@ -123,6 +128,8 @@ def finish(
     "device_kind": jax.devices()[0].device_kind,
     "jax_version": jax.__version__,
   }
+  if traj is not None:
+    summary["trajectory"] = traj[1]
   if ds.text is not None:  # GLUE: the task's official metrics on its test (dev) split
     from kdaif_jax.text.metrics import TASK_METRICS
 
@@ -245,18 +252,33 @@ def _self_influence(run: loop.Run, state, scorer, missing: np.ndarray) -> np.nda
     return missing
 
 
-def _write_weights_csv(run: loop.Run, infl, w, final_scores, self_infl) -> None:
-  # self_influence: I_ii in the classifier layer (scoring.make_self_influence_scorer).
+def _trajectory(run: loop.Run, epochs: tuple[int, ...], final_scores) -> tuple[np.ndarray, dict]:
+  """weights.csv's ``trajectory_influence`` [N] (the saved epochs' scores and the final
+  ones, ``trajectory.average``) and its summary record (epochs used, missing, AUROC)."""
+  found, missing = trajectory.load(run.workdir, epochs)
+  if missing:  # e.g. deleted by hand: average what is there, and say so
+    log.warning("trajectory_influence: no saved scores for epochs %s; averaged without", missing)
+  used = [e for e in epochs if e not in missing] + [int(run.cfg.student.epochs)]
+  col = trajectory.average([*found, final_scores])
+  det = metrics.detection_metrics(-col, run.scored.noisy)
+  return col, {"epochs": used, "missing": missing, "auroc": det["auroc"]}
+
+
+def _write_weights_csv(run: loop.Run, infl, w, final_scores, self_infl, traj=None) -> None:
+  # self_influence: I_ii in the classifier layer (scoring.make_self_influence_scorer);
+  # trajectory_influence (when asked for): kdaif_jax.trajectory.
   tr = run.scored
+  extra = () if traj is None else (traj,)
   path = os.path.join(run.workdir, "weights.csv")
   with open(path, "w") as f:
-    f.write("id,label,clean_label,noisy,influence,weight,final_influence,self_influence\n")
-    rows = zip(tr.ids, tr.labels, tr.clean_labels, tr.noisy, infl, w, final_scores, self_infl)
+    f.write("id,label,clean_label,noisy,influence,weight,final_influence,self_influence")
+    f.write(",trajectory_influence\n" if extra else "\n")
+    rows = zip(
+      tr.ids, tr.labels, tr.clean_labels, tr.noisy, infl, w, final_scores, self_infl, *extra
+    )
     for row in rows:
-      f.write(
-        f"{row[0]},{row[1]},{row[2]},{int(row[3])},{row[4]:.6g},{row[5]:.6g},{row[6]:.6g},"
-        f"{row[7]:.6g}\n"
-      )
+      f.write(f"{row[0]},{row[1]},{row[2]},{int(row[3])},")
+      f.write(",".join(f"{v:.6g}" for v in row[4:]) + "\n")
 
 
 def _add_text_column(run: loop.Run) -> None:

@@ -35,6 +35,7 @@ from kdaif_jax import (
   parallel,
   results,
   scoring,
+  trajectory,
 )
 from kdaif_jax import config as config_lib
 from kdaif_jax import ssl as ssl_lib
@@ -261,7 +262,7 @@ def _teacher_memory(run: loop.Run, state: step_lib.TrainState) -> step_lib.Train
 
 
 def _student_phase(
-  run: loop.Run, state: step_lib.TrainState, fresh_student, scorer
+  run: loop.Run, state: step_lib.TrainState, fresh_student, scorer, traj: tuple[int, ...]
 ) -> tuple[step_lib.TrainState, Times]:
   cfg = run.cfg
   mech = run.mechanism
@@ -297,12 +298,17 @@ def _student_phase(
       log.info("kdaif.memory_init=teacher: unused (needs online/joint, score_memory > 0)")
     elif ckpt.latest_step() is None:  # a resumed run has its memory in the checkpoint
       state = _teacher_memory(run, state)
-  on_epoch = None
-  if mech.rescores:
-    k = cfg.kdaif.period_epochs
+  k = cfg.kdaif.period_epochs
 
-    def on_epoch(st, epoch):
-      return _score_into(run, scorer, st, epoch, "periodic") if epoch > 0 and epoch % k == 0 else st
+  def on_epoch(st, epoch):
+    rescore = mech.rescores and epoch > 0 and epoch % k == 0
+    st = _score_into(run, scorer, st, epoch, "periodic") if rescore else st
+    if epoch in traj:  # saved before this epoch's first step, so before any checkpoint in it
+      s = st.last_scores if rescore else _score(run, scorer, st, epoch, "trajectory")[0]
+      s = parallel.to_host(s)  # every process gathers; process 0 writes
+      if parallel.is_main_process():
+        trajectory.save(run.workdir, epoch, s)
+    return st
 
   state, times["student"] = loop.run_phase(
     run,
@@ -313,7 +319,7 @@ def _student_phase(
     ckpt=ckpt,
     eval_nets=("student", "teacher") if mech.joint else ("student",),
     elapsed=elapsed,
-    on_epoch_start=on_epoch,
+    on_epoch_start=on_epoch if (mech.rescores or traj) else None,
     student_data=True,
   )
   ckpt.close()
@@ -436,8 +442,9 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
     )
     state, times = _teacher_phase(run, state)
     state = state.replace(step=jnp.zeros((), jnp.int32))
-    state, student_times = _student_phase(run, state, fresh_student, scorer)
-    summary = results.finish(run, state, scorer, {**times, **student_times}, t_start)
+    traj = trajectory.scoring_epochs(cfg.student.epochs, cfg.kdaif.whole_set.trajectory)
+    state, student_times = _student_phase(run, state, fresh_student, scorer, traj)
+    summary = results.finish(run, state, scorer, {**times, **student_times}, t_start, traj)
   finally:
     writer.close()
   return summary

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from kdaif_jax import checkpoint, influence, trainer
+from kdaif_jax import checkpoint, influence, trainer, trajectory
 from kdaif_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,11 +119,18 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
   cfg = tiny(load_config("digits_noisy"), mechanism)
   if mechanism != "joint":  # the memory belongs to the online step: ignored here
     cfg.kdaif.memory_init = "teacher"
+  if mechanism == "periodic":  # the trajectory's scoring shares periodic's epoch hook
+    cfg.kdaif.whole_set.trajectory, cfg.student.epochs, cfg.kdaif.period_epochs = 3, 3, 2
   summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert summary["mechanism"] == mechanism
   lines = read_jsonl(tmp_path / "metrics.jsonl")
   scorings = [r for r in lines if r["kind"] == "scoring"]
   assert all(r["phase"] != "memory_init" for r in scorings)
+  if mechanism == "periodic":
+    # Epoch 1: the trajectory's own scoring; epoch 2: periodic's rescoring, saved for both.
+    assert [(r["phase"], r["epoch"]) for r in scorings] == [("trajectory", 1), ("periodic", 2)]
+    scorings = [r for r in scorings if r["phase"] != "trajectory"]
+    assert summary["trajectory"]["epochs"] == [1, 2, 3]
   rows = read_csv(tmp_path / "weights.csv")
   w = np.array([float(r["weight"]) for r in rows])
   if mechanism in ("static", "periodic"):
@@ -274,8 +281,22 @@ def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path)
   # a checkpoint at an odd step must restore them (optax.MultiSteps' state).
   cfg = tiny(load_config("digits_ssl"), "joint")
   cfg.kdaif.joint.every, cfg.checkpoint_every_steps = 2, 5
+  # Influence averaged over the run (kdaif_jax.trajectory): the scores of epoch 1 are
+  # saved in the workdir, so the resumed run's weights.csv has the same column.
+  cfg.kdaif.whole_set.trajectory = 2
   first, second = tmp_path / "a", tmp_path / "b"
-  trainer.train_and_evaluate(cfg, str(first))
+  summary = trainer.train_and_evaluate(cfg, str(first))
+  assert summary["trajectory"]["epochs"] == [1, 2] and not summary["trajectory"]["missing"]
+  rows = read_csv(first / "weights.csv")
+  final = np.array([float(r["final_influence"]) for r in rows])
+  epoch1 = np.load(first / trajectory.FOLDER / "epoch_0001.npy")
+  assert epoch1.shape == final.shape and not np.allclose(epoch1 / epoch1.std(), final / final.std())
+  np.testing.assert_allclose(  # weights.csv keeps 6 significant digits
+    [float(r["trajectory_influence"]) for r in rows],
+    (epoch1 / epoch1.std() + final / final.std()) / 2,
+    rtol=1e-4,
+    atol=1e-5,
+  )
   shutil.copytree(first, second)
   folder = second / "checkpoints" / "student"
   steps = sorted(int(n) for n in os.listdir(folder))
@@ -317,6 +338,8 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.joint.every", 0, "kdaif.joint.every"),
     ("kdaif.memory_init", "student", "kdaif.memory_init"),
     ("kdaif.matmul_precision", "tensorfloat32", "kdaif.matmul_precision"),
+    ("kdaif.whole_set.trajectory", 1, "kdaif.whole_set.trajectory"),  # final_influence again
+    ("kdaif.whole_set.trajectory", -1, "kdaif.whole_set.trajectory"),
     ("kd.alpha", 1.5, "kd.alpha"),
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),

@@ -23,6 +23,19 @@ influence function's assumption that training converged to an optimum:
              ``ensemble_seeds``: K models on the whole training set, each
              with its own seeds (TRAK's usual ensemble; under the full
              protocol, its own initialisation).
+  datamodel  the best additive attribution that data can estimate (Ilyas et al.
+             2022, "Datamodels"): n more retrainings of random halves by the
+             same protocol, each with its own seeds, and per test example a
+             ridge regression of the retrained loss on the subset mask; its
+             coefficients are scores like any method's. Its LDS on the m
+             evaluation subsets, as n grows, says how much of the noise ceiling
+             any sum-of-scores attribution can reach on the task: the ceiling
+             counts only the retraining noise, not the non-additive part of
+             the response. Ridge's penalty is chosen by 5-fold LDS on the n
+             fitting subsets (never on the evaluation subsets). Fitted twice:
+             shrunk toward 0, and toward the whole-set influence (the
+             reference method, rescaled), whether the retrainings reveal
+             additive structure that influence misses.
   roughness  float64 central differences of one test loss along one direction
              of w as ε shrinks, against the forward-mode jvp: whether the
              training's response to its example weights is smooth.
@@ -48,7 +61,7 @@ import jax.numpy as jnp
 import lds as bench  # bench/lds.py: data, models, trainers, ground truths, methods
 import numpy as np
 
-from kdaif_jax import lds, losses
+from kdaif_jax import lds, losses, trajectory
 
 # The whole-set influence each probe is compared with: the task's best whole-network
 # method of bench/lds.py at its default iterations (BENCHMARKS.md §5).
@@ -145,7 +158,72 @@ MEMBERS = {
   "ensemble": ("halves", "single_half", 5000),
   "ensemble_seeds": ("seeds", "single_seed", 6000),
 }
-PROBES = {"unrolled", "roughness", *MEMBERS}
+PROBES = {"unrolled", "roughness", "datamodel", *MEMBERS}
+RIDGE = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # penalties tried (masks are 0/1)
+
+
+def _ridge(masks: np.ndarray, outputs: np.ndarray, alpha: float, prior=None) -> np.ndarray:
+  """Coefficients [N, T] of the ridge regression of outputs [n, T] on masks [n, N].
+
+  ``prior`` [N, T] (optional): the regression shrinks toward c_t·prior_t instead of 0,
+  c_t the least-squares scale of test t's prior predictions (so a large penalty
+  returns the prior's ranking, and a small one the data's).
+  """
+  xc, yc = masks - masks.mean(0), outputs - outputs.mean(0)
+  base = 0.0
+  if prior is not None:
+    pred = xc @ prior
+    base = prior * np.sum(pred * yc, 0) / np.maximum(np.sum(pred * pred, 0), 1e-30)
+    yc = yc - xc @ base
+  gram = xc.T @ xc + alpha * np.eye(masks.shape[1])
+  return base + np.linalg.solve(gram, xc.T @ yc)
+
+
+def _ridge_alpha(masks: np.ndarray, outputs: np.ndarray, prior=None, folds=5) -> tuple[float, dict]:
+  """The penalty with the best mean held-out LDS over ``folds`` folds of the fits."""
+  parts = np.array_split(np.arange(masks.shape[0]), folds)
+  cv = {}
+  for alpha in RIDGE + ((1e4, 1e5) if prior is not None else ()):  # large: the prior alone
+    held = []
+    for part in parts:
+      fit = np.setdiff1d(np.arange(masks.shape[0]), part)
+      coef = _ridge(masks[fit], outputs[fit], alpha, prior)
+      held.append(_lds(coef, jnp.asarray(masks[part]), outputs[part]))
+    cv[alpha] = round(float(np.mean(held)), 4)
+  return max(cv, key=cv.get), cv
+
+
+def datamodel(task, protocol, data, masks, truth, prior, n: int, block: int) -> dict:
+  """LDS of ridge datamodels fitted on n more retrainings, at n = block, 2·block, ...;
+  plain (shrunk toward 0) and shrunk toward the whole-set influence ``prior`` [N, T]."""
+  # Block b's masks from its own key: a larger n extends the same draws (and caches).
+  draw = lambda b: lds.sample_masks(
+    jax.random.fold_in(jax.random.key(4321), b), block, bench.N_TRAIN
+  )
+  fit_masks = np.concatenate([np.asarray(draw(b)) for b in range(-(-n // block))])
+  quiet = types.SimpleNamespace(quick=False)
+  rec = {"n": [], "seconds": [], "influence_alone": _lds(prior, masks, truth)}
+  outs, t0 = [], 0.0
+  for b in range(0, n, block):
+    # Seeds 100, 101, ...: keys unlike the evaluation (0) and ceiling (1, 2) retrainings.
+    part = jnp.asarray(fit_masks[b : b + block])
+    y, _, secs = bench.ground_truth(task, protocol, 100 + b // block, part, data, quiet)
+    outs.append(y[:, : truth.shape[1]])
+    t0 += secs
+    y_fit = np.concatenate(outs)
+    rec["n"].append(len(y_fit))
+    rec["seconds"].append(round(t0, 1))
+    for name, p in (("plain", None), ("influence_prior", prior)):
+      alpha, cv = _ridge_alpha(fit_masks[: len(y_fit)], y_fit, p)
+      coef = _ridge(fit_masks[: len(y_fit)], y_fit, alpha, p)
+      rec.setdefault(name, {"lds": [], "alpha": [], "cv_lds": []})
+      rec[name]["lds"].append(_lds(coef, masks, truth))
+      rec[name]["alpha"].append(alpha)
+      rec[name]["cv_lds"].append(cv)
+    print(f"  {task}/{protocol} datamodel n={len(y_fit)}: LDS {rec['plain']['lds'][-1]}, "
+          f"toward influence {rec['influence_prior']['lds'][-1]} (influence alone "
+          f"{rec['influence_alone']}; {t0:.0f} s of retraining)", flush=True)  # fmt: skip
+  return rec
 
 
 def ensemble(task, protocol, data, masks, truth, whole, k: int, method, probe="ensemble") -> dict:
@@ -177,12 +255,12 @@ def ensemble(task, protocol, data, masks, truth, whole, k: int, method, probe="e
     else:
       keys = jax.random.split(jax.random.fold_in(base, offset + j))
     scores = bench.influence_scores(task, train_one(subsets[j], *keys), data, method, args)[0]
-    acc.append(bench.standardised(scores))
+    acc.append(trajectory.standardised(scores))
     rec[single].append(_lds(scores, masks, truth))
     rec[name].append(_lds(np.mean(acc, 0), masks, truth))
-    both = (np.sum(acc, 0) + bench.standardised(whole_scores)) / (len(acc) + 1)
+    both = (np.sum(acc, 0) + trajectory.standardised(whole_scores)) / (len(acc) + 1)
     rec[f"{name}_and_whole"].append(_lds(both, masks, truth))  # every model alike
-    even = 0.5 * np.mean(acc, 0) + 0.5 * bench.standardised(whole_scores)
+    even = 0.5 * np.mean(acc, 0) + 0.5 * trajectory.standardised(whole_scores)
     rec["whole_half_weight"].append(_lds(even, masks, truth))  # the whole model half the vote
     rec["seconds"].append(round(time.perf_counter() - t0 + whole_seconds, 1))
     print(f"  {task}/{protocol} ensemble of {name} K={j + 1}: {rec[name][-1]}, "
@@ -197,13 +275,15 @@ def main():
     "--probes",
     default="unrolled,ensemble",
     help="comma-separated: unrolled, ensemble (of halves), ensemble_seeds, "
-    "roughness (alone: float64)",
+    "datamodel, roughness (alone: float64)",
   )
   ap.add_argument("--tasks", default="logreg,mlp")
   ap.add_argument("--protocols", default="full", help="for the ensemble (unrolled: full only)")
   ap.add_argument("--tests", type=int, default=100, help="test examples for the unrolled probe")
   ap.add_argument("--chunk", type=int, default=20, help="test examples per reverse pass")
   ap.add_argument("--members", type=int, default=10, help="K, each ensemble's models")
+  ap.add_argument("--fits", type=int, default=2000, help="n, the datamodel's retrainings")
+  ap.add_argument("--fit-block", type=int, default=500, help="datamodel refits every this many")
   ap.add_argument(
     "--subsets", type=int, default=50, help="m (bench/lds.py's masks and cached truths)"
   )
@@ -224,8 +304,8 @@ def main():
   for task in args.tasks.split(","):
     if task not in REFERENCE:
       ap.error(f"--tasks: {task!r} is not one of {sorted(REFERENCE)}")
-    if task == "cnn_small" and probes - set(MEMBERS):
-      ap.error("--tasks: cnn_small takes only the ensemble probes")
+    if task == "cnn_small" and probes - set(MEMBERS) - {"datamodel"}:
+      ap.error("--tasks: cnn_small takes only the ensemble and datamodel probes")
   data = bench.load_data()
   masks = lds.sample_masks(jax.random.key(1234), args.subsets, bench.N_TRAIN, 0.5)  # lds.py's
   at_m = "" if args.subsets == 50 else f"_m{args.subsets}"  # records at another m apart
@@ -254,6 +334,15 @@ def main():
         rec["unrolled" + at_m] = unrolled(task, data, masks, truth, whole, nt, args.chunk)
         rec["unrolled" + at_m]["influence_same_tests"] = _lds(ref, masks, truth[:, :nt])
         rec["unrolled" + at_m]["num_test"] = nt
+      if "datamodel" in probes:
+        prior = bench.influence_scores(task, whole, tdata, REFERENCE[task], quiet)[0]
+        dm = datamodel(task, protocol, data, masks, truth, prior, args.fits, args.fit_block)
+        if protocol == "seeded":
+          ya, yb = (bench.ground_truth(task, protocol, s, masks, data, quiet)[0] for s in (1, 2))
+          ceiling = lds.noise_ceiling(jnp.asarray(ya[:, :nt]), jnp.asarray(yb[:, :nt]))
+          dm["noise_ceiling"] = float(ceiling.mean_ceiling)
+        rec[f"datamodel_{protocol}{at_m}"] = dm
+        _common.write_json(args.out, payload)
       for probe in sorted(probes & set(MEMBERS)):
         ens = ensemble(
           task, protocol, tdata, masks, truth, whole, args.members, REFERENCE[task], probe

@@ -23,15 +23,16 @@ influence function's assumption that training converged to an optimum:
              ``ensemble_seeds``: K models on the whole training set, each
              with its own seeds (TRAK's usual ensemble; under the full
              protocol, its own initialisation).
-  datamodel  the best additive attribution that data can estimate (Ilyas et al.
+  datamodel  an additive attribution estimated from retrainings (Ilyas et al.
              2022, "Datamodels"): n more retrainings of random halves by the
-             same protocol, each with its own seeds, and per test example a
-             ridge regression of the retrained loss on the subset mask; its
-             coefficients are scores like any method's. Its LDS on the m
-             evaluation subsets, as n grows, says how much of the noise ceiling
-             any sum-of-scores attribution can reach on the task: the ceiling
-             counts only the retraining noise, not the non-additive part of
-             the response. Ridge's penalty is chosen by 5-fold LDS on the n
+             same protocol (seeded: each with its own seeds; full: the shared
+             init), and per test example a ridge regression of the retrained
+             loss on the subset mask; its coefficients are scores like any
+             method's. Its LDS on the m evaluation subsets, as n grows, is a
+             lower bound on what a sum-of-scores attribution can reach on the
+             task (the noise ceiling counts only the retraining noise, not the
+             non-additive part of the response), tight only once it stops
+             rising. Ridge's penalty is chosen by 5-fold LDS on the n
              fitting subsets (never on the evaluation subsets). Fitted twice:
              shrunk toward 0, and toward the whole-set influence (the
              reference method, rescaled), whether the retrainings reveal
@@ -205,9 +206,11 @@ def datamodel(task, protocol, data, masks, truth, prior, n: int, block: int) -> 
   rec = {"n": [], "seconds": [], "influence_alone": _lds(prior, masks, truth)}
   outs, t0 = [], 0.0
   for b in range(0, n, block):
-    # Seeds 100, 101, ...: keys unlike the evaluation (0) and ceiling (1, 2) retrainings.
+    # seeded: seeds 100, 101, ..., keys unlike the evaluation (0) and ceiling (1, 2)
+    # retrainings; full: seed 0, the init every evaluation subset shares.
+    seed = 0 if protocol == "full" else 100 + b // block
     part = jnp.asarray(fit_masks[b : b + block])
-    y, _, secs = bench.ground_truth(task, protocol, 100 + b // block, part, data, quiet)
+    y, _, secs = bench.ground_truth(task, protocol, seed, part, data, quiet)
     outs.append(y[:, : truth.shape[1]])
     t0 += secs
     y_fit = np.concatenate(outs)

@@ -7,7 +7,7 @@ Public API:
   losses     per-example CE and KD losses ([B] each)
   lds        linear datamodeling score of an attribution, its split-half noise ceiling
   self_influence  I_ii = ∇ℓ_iᵀ (C + λI)⁻¹ ∇ℓ_i for every example (dense factor, small P)
-  trajectory influence averaged over a run's checkpoints (log-spaced, standardised)
+  trajectory      influence averaged over a run's checkpoints (log-spaced, standardised)
 """
 
 from kdaif_jax import influence, lds, losses, self_influence, trajectory, weights

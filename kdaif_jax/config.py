@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
       val_batch_size=0,  # 0: the whole validation set every refresh
       period_epochs=5,  # periodic: rescore the training set every K epochs
       proxy_epochs=0,  # static: epochs of the plain-KD proxy student (0: student.epochs)
-      # trajectory: K > 0 also scores the set at K - 1 log-spaced epochs of the student's
+      # trajectory: K >= 2 also scores the set at K - 1 log-spaced epochs of the student's
       # run and averages them with the final scores into weights.csv's
       # trajectory_influence (kdaif_jax.trajectory; each costs one whole-set pass).
       whole_set=ml_collections.ConfigDict(dict(cg_iters=50, curvature_size=1024, trajectory=0)),

@@ -135,8 +135,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.whole_set.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.whole_set.curvature_size", 1, integer=True)
   _number(cfg, f"{k}.whole_set.trajectory", 0, integer=True)
-  if cfg.kdaif.whole_set.trajectory == 1:  # the final scoring alone: final_influence again
+  traj = cfg.kdaif.whole_set.trajectory
+  if traj == 1:  # the final scoring alone: final_influence again
     _fail(f"{k}.whole_set.trajectory", 1, "0 (off) or an integer >= 2 (the final one included)")
+  if traj >= 2 and cfg.student.epochs < 2:  # no epoch to score before the final one
+    _fail(f"{k}.whole_set.trajectory", traj, "0 when student.epochs < 2")
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   _number(cfg, f"{k}.joint.every", 1, integer=True)

@@ -26,11 +26,21 @@ keeps them), and the final scoring pass adds θ_T; weights.csv's
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
 
-__all__ = ["FIRST", "FOLDER", "average", "checkpoint_steps", "load", "save", "scoring_epochs"]
+__all__ = [
+  "FIRST",
+  "FOLDER",
+  "average",
+  "checkpoint_steps",
+  "load",
+  "save",
+  "scoring_epochs",
+  "standardised",
+]
 
 FOLDER = "influence_epochs"
 # The first checkpoint, as a fraction of training: earlier ones sit near the random
@@ -49,16 +59,27 @@ def checkpoint_steps(total: int, k: int, first: float = FIRST) -> tuple[int, ...
   Returns:
     An increasing tuple of integers in 1..T that ends with T.
   """
-  if total < 1 or k < 1:
-    raise ValueError(f"checkpoint_steps: total={total}, k={k}; allowed: both >= 1")
+  if total < 1 or k < 1 or not 0 < first <= 1:
+    raise ValueError(
+      f"checkpoint_steps: total={total}, k={k}, first={first}; allowed: total, k >= 1 "
+      "and 0 < first <= 1"
+    )
   start = max(1.0, first * total) if k > 1 else total  # geomspace's one point is its start
   grid = np.round(np.geomspace(start, total, k)).astype(int)
   return tuple(int(t) for t in np.unique(grid))
 
 
 def scoring_epochs(epochs: int, k: int) -> tuple[int, ...]:
-  """The epochs e (1 ≤ e < E) at whose start the student is scored for a K-checkpoint
-  trajectory; the last checkpoint, e = E, is the final scoring pass. ``()`` for K = 0."""
+  """The epochs at whose start the student is scored for a K-checkpoint trajectory.
+
+  Args:
+    epochs: the student phase's length E.
+    k: K, the checkpoints with the final one (``kdaif.whole_set.trajectory``; 0: off).
+
+  Returns:
+    The epochs e, 1 ≤ e < E, of ``checkpoint_steps(E, K)`` without its last (E, the
+    final scoring pass after training); ``()`` for K = 0 or E = 1.
+  """
   if k <= 0:
     return ()
   return checkpoint_steps(epochs, k)[:-1]
@@ -71,12 +92,19 @@ def standardised(scores: np.ndarray) -> np.ndarray:
     scores: [N] or [N, T] (one column per test example or validation target).
 
   Returns:
-    The same shape; a constant column (it ranks nothing) becomes 0 rather than NaN.
-    Not centred: the sign of an influence (helps or hurts) is kept.
+    The same shape, float64. A constant column (it ranks nothing) becomes 0 rather
+    than NaN; a non-finite score becomes 0 (no evidence either way) and the spread is
+    taken over the finite ones. Not centred: the sign of an influence (helps or hurts)
+    is kept.
   """
   scores = np.asarray(scores, np.float64)
-  std = np.std(scores, axis=0, keepdims=True)
-  return np.where(std > 0, scores / np.where(std > 0, std, 1.0), 0.0)
+  finite = np.isfinite(scores)
+  clean = np.where(finite, scores, np.nan)
+  with warnings.catch_warnings():  # an all-non-finite column: NaN spread, handled below
+    warnings.simplefilter("ignore", RuntimeWarning)
+    std = np.nanstd(clean, axis=0, keepdims=True)
+  ok = np.isfinite(std) & (std > 0)
+  return np.where(finite & ok, clean / np.where(ok, std, 1.0), 0.0)
 
 
 def average(checkpoints: Sequence[np.ndarray]) -> np.ndarray:
@@ -98,7 +126,13 @@ def _path(workdir: str, epoch: int) -> str:
 
 
 def save(workdir: str, epoch: int, scores: np.ndarray) -> None:
-  """Writes one checkpoint's scores [N] (atomically: a killed write leaves none)."""
+  """Writes one checkpoint's scores (atomically: a killed write leaves none).
+
+  Args:
+    workdir: the run's folder (the file goes to ``FOLDER/epoch_EEEE.npy`` in it).
+    epoch: the epochs completed when the scores were taken.
+    scores: [N] influence of every scored example, kept as float32.
+  """
   path = _path(workdir, epoch)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
@@ -108,7 +142,16 @@ def save(workdir: str, epoch: int, scores: np.ndarray) -> None:
 
 
 def load(workdir: str, epochs: Sequence[int]) -> tuple[list[np.ndarray], list[int]]:
-  """The saved scores of ``epochs`` that exist, and the epochs that are missing."""
+  """The scores ``save`` wrote for some epochs.
+
+  Args:
+    workdir: the run's folder.
+    epochs: the epochs asked for.
+
+  Returns:
+    ``(found, missing)``: the [N] arrays of the epochs that have a file, in order,
+    and the epochs that have none.
+  """
   found, missing = [], []
   for e in epochs:
     path = _path(workdir, e)

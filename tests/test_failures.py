@@ -258,14 +258,19 @@ def test_experiment_is_checked_before_the_first_step_without_checkpoints(tmp_pat
 
 
 def test_a_workdir_older_than_an_added_option_still_resumes(tmp_path):
-  # experiment.json written before kdaif.matmul_precision existed: the same experiment.
+  # experiment.json written before kdaif.matmul_precision and kdaif.whole_set.trajectory
+  # existed: the same experiment.
   fingerprint = trainer._fingerprint(load_config("default"))
   old = json.loads(json.dumps(fingerprint))
-  del old["kdaif"]["matmul_precision"]
+  del old["kdaif"]["matmul_precision"], old["kdaif"]["whole_set"]["trajectory"]
   (tmp_path / checkpoint.EXPERIMENT_FILE).write_text(json.dumps(old))
   checkpoint.check_experiment(str(tmp_path), fingerprint)
   fingerprint["kdaif"]["matmul_precision"] = "default"
   with pytest.raises(checkpoint.CheckpointMismatchError, match="'highest' -> 'default'"):
+    checkpoint.check_experiment(str(tmp_path), fingerprint)
+  fingerprint["kdaif"]["matmul_precision"] = "highest"
+  fingerprint["kdaif"]["whole_set"]["trajectory"] = 10
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="trajectory: 0 -> 10"):
     checkpoint.check_experiment(str(tmp_path), fingerprint)
 
 

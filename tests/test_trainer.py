@@ -131,6 +131,12 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
     assert [(r["phase"], r["epoch"]) for r in scorings] == [("trajectory", 1), ("periodic", 2)]
     scorings = [r for r in scorings if r["phase"] != "trajectory"]
     assert summary["trajectory"]["epochs"] == [1, 2, 3]
+    np.testing.assert_allclose(  # periodic's last rescoring (epoch 2) is the influence column
+      np.load(tmp_path / trajectory.FOLDER / "epoch_0002.npy"),
+      [float(r["influence"]) for r in read_csv(tmp_path / "weights.csv")],
+      rtol=1e-4,
+      atol=1e-6,
+    )
   rows = read_csv(tmp_path / "weights.csv")
   w = np.array([float(r["weight"]) for r in rows])
   if mechanism in ("static", "periodic"):
@@ -147,6 +153,18 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
     assert any(
       r["net"] == "teacher" for r in lines if r["kind"] == "eval" and r["phase"] == "student"
     )
+
+
+def test_trajectory_scoring_leaves_the_training_unchanged(tmp_path):
+  runs = {}
+  for k in (0, 2):
+    cfg = tiny(load_config("digits_noisy"), "online")
+    cfg.kdaif.whole_set.trajectory = k
+    trainer.train_and_evaluate(cfg, str(tmp_path / str(k)))
+    runs[k] = read_csv(tmp_path / str(k) / "weights.csv")
+  assert "trajectory_influence" in runs[2][0] and "trajectory_influence" not in runs[0][0]
+  for a, b in zip(runs[0], runs[2]):
+    assert {c: a[c] for c in a} == {c: b[c] for c in a}  # every other column, to the digit
 
 
 def _spy_memory_init(monkeypatch):
@@ -276,7 +294,7 @@ def test_oracle_survives_a_batch_of_only_flipped_labels(tmp_path):
     config_lib.validate(cfg)
 
 
-def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path):
+def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path, monkeypatch):
   # kdaif.joint.every = 2 keeps half-accumulated teacher gradients in the state;
   # a checkpoint at an odd step must restore them (optax.MultiSteps' state).
   cfg = tiny(load_config("digits_ssl"), "joint")
@@ -285,7 +303,19 @@ def test_joint_teacher_every_k_resumes_mid_accumulation_and_reproduces(tmp_path)
   # saved in the workdir, so the resumed run's weights.csv has the same column.
   cfg.kdaif.whole_set.trajectory = 2
   first, second = tmp_path / "a", tmp_path / "b"
+  saves, save = [], checkpoint.PhaseCheckpoints.save
+
+  def spy(self, step, *a, **k):  # was epoch 1's file on disk when this checkpoint was taken?
+    if os.path.basename(self.directory) == "student":
+      saves.append((step, (first / trajectory.FOLDER / "epoch_0001.npy").exists()))
+    return save(self, step, *a, **k)
+
+  monkeypatch.setattr(checkpoint.PhaseCheckpoints, "save", spy)
   summary = trainer.train_and_evaluate(cfg, str(first))
+  monkeypatch.undo()
+  spe = summary["steps_this_invocation"]["student"] // cfg.student.epochs
+  late = [ok for step, ok in saves if step > spe]
+  assert late and all(late)  # every checkpoint inside epoch 1 comes after its scores
   assert summary["trajectory"]["epochs"] == [1, 2] and not summary["trajectory"]["missing"]
   rows = read_csv(first / "weights.csv")
   final = np.array([float(r["final_influence"]) for r in rows])

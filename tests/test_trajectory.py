@@ -79,3 +79,24 @@ def test_the_final_record_averages_the_saved_epochs_and_names_the_missing(tmp_pa
   assert "epochs [2]" in caplog.text
   np.testing.assert_allclose(col, trajectory.average([saved[1], saved[3], final]), rtol=1e-6)
   assert 0.5 < rec["auroc"] <= 1.0  # high (harmful) scores flag the flipped examples
+
+
+def test_non_finite_scores_count_as_no_evidence():
+  s = np.array([1.0, -1.0, np.nan, 3.0, np.inf])
+  z = trajectory.standardised(s)
+  assert np.all(np.isfinite(z)) and z[2] == z[4] == 0.0
+  np.testing.assert_allclose(z[[0, 1, 3]], s[[0, 1, 3]] / np.std(s[[0, 1, 3]]))
+  np.testing.assert_array_equal(trajectory.standardised(np.full(4, np.nan)), 0.0)
+  with pytest.raises(ValueError, match="first"):
+    trajectory.checkpoint_steps(10, 3, first=2.0)
+
+
+def test_config_refuses_a_trajectory_without_an_epoch_before_the_last():
+  from kdaif_jax import config
+
+  cfg = config.base_config()
+  cfg.kdaif.whole_set.trajectory, cfg.student.epochs = 10, 1
+  with pytest.raises(ValueError, match=r"kdaif.whole_set.trajectory=10 .* student.epochs < 2"):
+    config.validate(cfg)
+  cfg.student.epochs = 2
+  config.validate(cfg)

@@ -97,7 +97,11 @@ def _influence_share(c: Context) -> str:
   if mech == "oracle":
     return "The oracle (`oracle`): weights from the injected flips, no influence (0%)."
   if mech in ("static", "periodic"):
-    secs = sum(num(r.get("seconds")) for r in c.records if r.get("kind") == "scoring")
+    secs = sum(  # the trajectory's passes (kdaif.whole_set.trajectory) are a record, not weights
+      num(r.get("seconds"))
+      for r in c.records
+      if r.get("kind") == "scoring" and r.get("phase") != "trajectory"
+    )
     if not secs or not wall:
       return "Share of time on influence: unknown (no scoring lines or no wall times)."
     proxy = num(wall.get("proxy", 0)) if mech == "static" else 0.0

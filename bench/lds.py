@@ -229,6 +229,15 @@ def ground_truth(task, protocol, seed, masks, data, args):
   return outputs, whole, seconds
 
 
+def seeded_ceiling(task, masks, data, args, nt: int):
+  """The seeded protocol's noise ceiling (``lds.noise_ceiling``) over the first nt test
+  examples, from the retrainings of the same subsets with seeds 1 and 2 (cached), and
+  those retrainings' seconds."""
+  ya, _, sa = ground_truth(task, "seeded", 1, masks, data, args)
+  yb, _, sb = ground_truth(task, "seeded", 2, masks, data, args)
+  return lds.noise_ceiling(jnp.asarray(ya[:, :nt]), jnp.asarray(yb[:, :nt])), sa + sb
+
+
 def power_max_eig(matvec, like, iters=20):
   """Largest eigenvalue of a PSD map by power iteration (LiSSA's scale)."""
   v, lam = jax.tree.map(lambda a: jnp.ones_like(a) / np.sqrt(a.size), like), 0.0
@@ -316,7 +325,7 @@ def influence_scores(task, params, data, method, args, apply=None):
 # sit near the random initialisation, whose scores rank poorly: BENCHMARKS.md §5),
 # scored by each task's best single-model setting of the sweeps.
 # The identity solver at the same checkpoints is TracIn-CP (Pruthi et al. 2020).
-TRAJECTORY = (10, 0.02)
+TRAJECTORY = (10, trajectory.FIRST)
 TRAJECTORY_INNER = {
   "logreg": (("all", "cg", 1e-3), ("all", "identity", 0.0)),
   "mlp": (("all", "cg", 3e-3), ("blocks", "cg", 1e-3), ("all", "identity", 0.0)),
@@ -401,13 +410,11 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   rec = {"retrain_seconds": round(seconds, 1), "num_test": nt, "methods": {}}
   rec["settings"] = {**TASKS[task], "cg_iters": ITERS[task]}  # variants describe themselves
   if protocol == "seeded":
-    ya, _, sa = ground_truth(task, protocol, 1, masks, data, args)
-    yb, _, sb = ground_truth(task, protocol, 2, masks, data, args)
-    nc = lds.noise_ceiling(jnp.asarray(ya[:, :nt]), jnp.asarray(yb[:, :nt]))
+    nc, secs = seeded_ceiling(task, masks, data, args, nt)
     rec.update(
       reliability=float(nc.mean_reliability),
       noise_ceiling=float(nc.mean_ceiling),
-      ceiling_retrain_seconds=round(sa + sb, 1),
+      ceiling_retrain_seconds=round(secs, 1),
     )
   else:
     rec.update(reliability=1.0, noise_ceiling=1.0)  # deterministic retraining
@@ -416,9 +423,9 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   _, apply = make_model(task)
   rec["whole_model_test_accuracy"] = float(jnp.mean(jnp.argmax(apply(whole, xt), -1) == yt))
   array_blocks = "array blocks" in args.methods
-  trajectory = (args.checkpoints, args.first_checkpoint)
+  checkpoints = (args.checkpoints, args.first_checkpoint)
   for label, method in methods_for(
-    task, args.quick, args.hessian, args.dampings, array_blocks, trajectory
+    task, args.quick, args.hessian, args.dampings, array_blocks, checkpoints
   ):
     if args.methods and not any(part in label for part in args.methods.split(",")):
       continue

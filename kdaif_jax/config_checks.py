@@ -17,7 +17,7 @@ UNROLL = ("auto", "unroll", "loop")
 DTYPES = ("float32", "bfloat16")
 PROGRESS = ("auto", "bar", "log", "none")
 MEMORY_INITS = ("none", "teacher")
-SSL_MECHANISMS = ("none", "online", "joint")
+SSL_MECHANISMS = ("none", "online", "joint", "oracle")
 SSL_TARGETS = ("soft", "hard", "fixmatch")
 
 
@@ -107,8 +107,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.mechanism", MECHANISMS)
   if text and data.glue.is_regression(cfg.data.name) and cfg.kdaif.mechanism == "joint":
     _fail(f"{k}.mechanism", "joint", "any but joint for regression (its pseudo-labels are classes)")
-  if cfg.kdaif.mechanism == "oracle" and not cfg.data.noise.rate > 0:
-    _fail(f"{k}.mechanism", "oracle", "any but oracle without injected noise (data.noise.rate 0)")
+  if cfg.kdaif.mechanism == "oracle" and not (cfg.data.noise.rate > 0 or cfg.data.num_labelled > 0):
+    _fail(
+      f"{k}.mechanism",
+      "oracle",
+      "any but oracle without injected noise (data.noise.rate 0) or a semi-supervised split",
+    )
   _choice(cfg, f"{k}.weights", weights.MAPS)
   _choice(cfg, f"{k}.curvature", influence.CURVATURES)
   _choice(cfg, f"{k}.solver", influence.SOLVERS)

@@ -7,7 +7,8 @@ Teacher on weak views, student on strong views (UDA / Meta Pseudo Labels):
                  or CE(argmax T(weak u_j), S(strong u_j))                     (targets "hard")
                  or 1[max p_j ≥ c]·CE(argmax p_j, S(strong u_j)),
                     p_j = softmax(S(weak u_j)) (constant)                     ("fixmatch")
-            w_j = KD-AIF weights of the unlabelled examples (none: 1)
+            w_j = KD-AIF weights of the unlabelled examples (none: 1; oracle:
+                  1 where the teacher's pseudo-label is the hidden true label, else 0)
   teacher (joint only):
             mean_l CE(y_l, T(weak x_l))
             + λ_uda · mean_j m_j·KL(sharpen(T(weak u_j)) ‖ T(strong u_j))    (UDA, optional)
@@ -145,8 +146,11 @@ def make_ssl_step(
       metrics.update(block.metrics)
     else:
       scores = jnp.zeros((xs.shape[0],), jnp.float32)
-      w = jnp.ones_like(scores)
+      w = _oracle_weights(t_weak, batch) if mech.oracle else jnp.ones_like(scores)
     denom = pmean(jnp.mean(w), axis_name)
+    # A batch of wrong pseudo-labels only (the oracle) is a step without the
+    # unlabelled term, not 0/0.
+    denom = jnp.where(denom > 0, denom, 1.0)
     nl, nu = xl.shape[0], xs.shape[0]
 
     def student_loss(p):
@@ -186,6 +190,17 @@ def make_ssl_step(
     return state, metrics, (scores, w, memory[0])
 
   return step
+
+
+def _oracle_weights(t_weak: jax.Array, batch: dict) -> jax.Array:
+  """The semi-supervised oracle's weights, [B]: 1 where the teacher's weak-view
+  pseudo-label equals the hidden true label, 0 elsewhere.
+
+  A benchmark reference (what perfect detection of the teacher's wrong targets
+  gives), not a method: it reads the labels that the split hides from training.
+  """
+  right = jnp.argmax(t_weak, axis=-1) == batch["unl_true_labels"]
+  return right.astype(jnp.float32)
 
 
 def _pseudo_label_accuracy(t_weak: jax.Array, batch: dict, axis_name: str | None) -> jax.Array:

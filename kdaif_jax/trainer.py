@@ -288,7 +288,7 @@ def _student_phase(
     tea = state.teacher
     fresh = parallel.replicate(_joint_tx(run).init(tea.params), run.mesh)
     state = state.replace(teacher=tea.replace(opt_state=fresh))
-  if mech.oracle:  # a benchmark reference: the injected flips, known to the run
+  if mech.oracle and not run.semi_supervised:  # a benchmark reference: the injected flips
     w = np.asarray(weights_lib.oracle(run.scored.noisy))  # two buffers: the step donates both
     state = state.replace(example_weights=jnp.asarray(w), last_weights=jnp.asarray(w))
     state = parallel.replicate(state, run.mesh)

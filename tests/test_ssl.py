@@ -186,3 +186,38 @@ def test_teachers_pseudo_label_accuracy_is_logged_against_the_hidden_labels():
   truth = pseudo.at[:3].set((pseudo[:3] + 1) % 3)  # 5 of 8 right
   _, metrics, _ = fn(state, {**batch, "unl_true_labels": truth}, val)
   np.testing.assert_allclose(metrics["pseudo_label_accuracy"], 5 / 8)
+
+
+def test_ssl_oracle_drops_exactly_the_wrong_pseudo_labels():
+  state, batch, val, fn = _ssl_setup("oracle")
+  t = models.create("mlp", 3, hidden=16)
+  prepare = lambda im: im.astype(jnp.float32) / 255.0
+  t_weak = t.apply(state.teacher.params, {}, prepare(batch["unl_weak"]), False)[0]
+  pseudo = jnp.argmax(t_weak, -1)
+  truth = pseudo.at[:3].set((pseudo[:3] + 1) % 3)  # the first 3 pseudo-labels wrong
+  new, metrics, (_, w, _) = fn(state, {**batch, "unl_true_labels": truth}, val)
+  np.testing.assert_array_equal(w, [0, 0, 0, 1, 1, 1, 1, 1])
+  # Oracle: the loss written out from its definition, the right examples' mean KD term.
+  student = models.create("mlp", 3, hidden=8)
+  p = state.student.params
+  xl, xs = prepare(batch["lab_images"]), prepare(batch["unl_strong"])
+  lab = jnp.mean(losses.cross_entropy(student.apply(p, {}, xl, True)[0], batch["lab_labels"]))
+  c = config_lib.base_config()
+  kd = losses.kd_loss(student.apply(p, {}, xs, True)[0], t_weak, None, temperature=c.kd.temperature)
+  expect = lab + c.ssl.unlabelled_weight * jnp.mean(kd[3:])
+  np.testing.assert_allclose(metrics["loss"], expect, rtol=1e-5)
+  # Every pseudo-label wrong: a labelled-only step, not 0/0.
+  *_, lab_only = _ssl_setup("none", unlabelled_weight=0.0)
+  expect, _, _ = lab_only(state, batch, val)
+  got, _, _ = fn(state, {**batch, "unl_true_labels": (pseudo + 1) % 3}, val)
+  for a, b in zip(jax.tree.leaves(got.student.params), jax.tree.leaves(expect.student.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_oracle_needs_injected_noise_or_a_semi_supervised_split():
+  cfg = config_lib.base_config()
+  cfg.kdaif.mechanism = "oracle"
+  with pytest.raises(ValueError, match=r"kdaif.mechanism='oracle'.*semi-supervised split"):
+    config_lib.validate(cfg)
+  cfg.data.num_labelled = 100
+  config_lib.validate(cfg)

@@ -270,7 +270,7 @@ def test_oracle_weighs_out_exactly_the_flipped_labels(tmp_path):
 
   report.write_report(str(tmp_path))
   text = (tmp_path / "report" / "report.md").read_text()
-  assert "The oracle (`oracle`): weights from the injected flips, no influence (0%)." in text
+  assert "The oracle (`oracle`): weights from the known answer (the injected flips" in text
   assert "the oracle's weight (the flip mask itself)" in text  # its AUROC 1 is by construction
 
 

@@ -95,7 +95,10 @@ def _influence_share(c: Context) -> str:
   if mech == "none":
     return "Plain KD (`none`): no influence during training (0%)."
   if mech == "oracle":
-    return "The oracle (`oracle`): weights from the injected flips, no influence (0%)."
+    return (
+      "The oracle (`oracle`): weights from the known answer (the injected flips, or the "
+      "hidden labels of a semi-supervised run), no influence (0%)."
+    )
   if mech in ("static", "periodic"):
     secs = sum(  # the trajectory's passes (kdaif.whole_set.trajectory) are a record, not weights
       num(r.get("seconds"))

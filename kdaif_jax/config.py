@@ -88,11 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
       # run and averages them with the final scores into weights.csv's
       # trajectory_influence (kdaif_jax.trajectory; each costs one whole-set pass).
       whole_set=ml_collections.ConfigDict(dict(cg_iters=50, curvature_size=1024, trajectory=0)),
-      # joint: feedback strength, the teacher's learning rate, how often it steps
-      # (every K student steps, on the mean of K feedback gradients), and the form of
-      # the feedback ("pseudo_label": h·CE(ŷ, T); "soft": through the soft targets,
-      # semi-supervised only; online.soft_feedback_loss).
-      joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01, every=1, feedback="pseudo_label")),
+      # joint: feedback strength, the teacher's learning rate, and how often it steps
+      # (every K student steps, on the mean of K feedback gradients).
+      joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01, every=1)),
     )
   )
   # Semi-supervised (active when data.num_labelled > 0), docs/method.md §5.
@@ -174,7 +172,6 @@ def step_options(
       precision=k.matmul_precision,
     ),
     joint_mu=float(k.joint.mu),
-    joint_feedback=k.joint.feedback,
     ssl=options.SSLOptions(
       targets=ssl.targets,
       unlabelled_weight=float(ssl.unlabelled_weight),

@@ -18,7 +18,6 @@ DTYPES = ("float32", "bfloat16")
 PROGRESS = ("auto", "bar", "log", "none")
 MEMORY_INITS = ("none", "teacher")
 SSL_MECHANISMS = ("none", "online", "joint", "oracle")
-JOINT_FEEDBACKS = ("pseudo_label", "soft")
 SSL_TARGETS = ("soft", "hard", "fixmatch")
 
 
@@ -148,16 +147,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   _number(cfg, f"{k}.joint.every", 1, integer=True)
-  _choice(cfg, f"{k}.joint.feedback", JOINT_FEEDBACKS)
-  if cfg.kdaif.joint.feedback == "soft" and not (
-    cfg.data.num_labelled > 0 and cfg.ssl.targets == "soft"
-  ):
-    _fail(
-      f"{k}.joint.feedback",
-      "soft",
-      "pseudo_label unless data.num_labelled > 0 and ssl.targets=soft "
-      "(the soft feedback differentiates the semi-supervised soft targets)",
-    )
   if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
     _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
   _choice(cfg, "ssl.targets", SSL_TARGETS)

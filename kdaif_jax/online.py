@@ -26,11 +26,9 @@ __all__ = [
   "feedback_weights",
   "memory_of",
   "online_influence",
-  "output_tangents",
   "remember",
   "scope_params",
   "scope_restrict",
-  "soft_feedback_loss",
   "student_influence",
   "teacher_feedback_loss",
   "weight_metrics",
@@ -336,76 +334,3 @@ def teacher_feedback_loss(t_logits: jax.Array, pseudo_labels: jax.Array, h: jax.
     scalar loss.
   """
   return jnp.mean(h * losses.cross_entropy(t_logits, pseudo_labels))
-
-
-def output_tangents(
-  student, stu: Any, inputs: jax.Array, s: PyTree, opts: InfluenceOptions, axis_name: str | None
-) -> jax.Array:
-  """v_j = J_j s: the student's logits on the local batch, differentiated along s.
-
-  The inference-mode logits of ``objectives`` (the ones the scores differentiate),
-  with the tangent s in ``opts.scope`` and 0 elsewhere. For any per-example loss
-  of the logits, I_j = −⟨∂ℓ_j/∂z_j, v_j⟩, so v carries, per class, what the scalar
-  score sums.
-
-  Args:
-    student: the student ``models.Model``.
-    stu: its ``NetState`` (replicated params).
-    inputs: [b, ...] prepared inputs of the local shard.
-    s: the direction (C + λI)⁻¹ g_V, shaped like the student's params.
-    opts: the scope and matrix-product precision.
-    axis_name: mesh axis, or None.
-
-  Returns:
-    [b, K] float32, constants (gradient stopped).
-  """
-  logits = objectives.inference_logits(student, stu.model_state, inputs, opts.precision)
-  full = device_local(stu.params, axis_name)
-  keys = tuple(scope_params(opts.scope, full))
-  fn = lambda p: logits({**full, **p})
-  primal = {k: full[k] for k in keys}
-  tangent = device_local({k: s[k] for k in keys}, axis_name)
-  return jax.lax.stop_gradient(jax.jvp(fn, (primal,), (tangent,))[1])
-
-
-def soft_feedback_loss(
-  t_logits: jax.Array,
-  v: jax.Array,
-  w: jax.Array,
-  temperature: float,
-  axis_name: str | None = None,
-  eps: float = 1e-12,
-) -> jax.Array:
-  """mean_j w_j ⟨v_j, softmax(T(x_j)/τ)⟩ / rms(v − mean_k v): the ``soft`` teacher feedback.
-
-  The student learns from the teacher's soft targets p_j = softmax(T(x_j)/τ) with
-  ℓ_j = τ²·KL(p_j ‖ softmax(z_j/τ)), so ∂ℓ_j/∂z_j = τ(softmax(z_j/τ) − p_j) and
-  its influence I_j = −⟨∂ℓ_j/∂z_j, v_j⟩ (v_j = J_j s, ``output_tangents``) has
-  ∂I_j/∂p_j = τ·v_j. Minimising this loss is therefore gradient descent on the
-  weighted total influence Σ_j w_j I_j through the teacher's targets: the teacher
-  moves every class probability of its target the way that lowers the student's
-  validation loss (the soft-target form of Meta Pseudo Labels' feedback; the
-  default ``teacher_feedback_loss`` moves only the pseudo-label's probability).
-  The scale divides by the root mean square of v's class-centred entries over
-  the global batch (a constant shift of v_j does not change the gradient), so the
-  per-class feedback is O(1), as h_j is, and μ keeps its meaning as training goes.
-
-  Args:
-    t_logits: [B, K] teacher logits (differentiated).
-    v: [B, K] ``output_tangents`` of the student on the same examples (constants).
-    w: [B] the student's weights of the examples (constants).
-    temperature: τ of the soft targets.
-    axis_name: mesh axis for the global scale, or None.
-    eps: keeps the scale finite for v = 0.
-
-  Returns:
-    scalar loss (local mean; the update averages over devices).
-  """
-  v = jax.lax.stop_gradient(v)
-  centred = v - jnp.mean(v, axis=-1, keepdims=True)
-  ms = jnp.mean(jnp.square(centred))
-  if axis_name is not None:
-    ms = jax.lax.pmean(ms, axis_name)
-  p = jax.nn.softmax(t_logits / temperature, axis=-1)
-  per = jnp.sum(centred * p, axis=-1)
-  return jnp.mean(jax.lax.stop_gradient(w) * per) / (jnp.sqrt(ms) + eps)

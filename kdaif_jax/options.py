@@ -127,8 +127,6 @@ class StepOptions(NamedTuple):
   kd: the distillation loss.
   influence: the online influence block (used when ``mechanism.online``).
   joint_mu: μ, the strength of the teacher's feedback loss (``joint``).
-  joint_feedback: "pseudo_label" (h_j·CE(ŷ_j, T), docs/method.md §4) or "soft"
-    (through the soft targets, ``online.soft_feedback_loss``; SSL steps only).
   ssl: semi-supervised options (SSL steps only).
   """
 
@@ -136,7 +134,6 @@ class StepOptions(NamedTuple):
   kd: KDOptions = KDOptions()
   influence: InfluenceOptions = InfluenceOptions()
   joint_mu: float = 1.0
-  joint_feedback: str = "pseudo_label"
   ssl: SSLOptions = SSLOptions()
 
 

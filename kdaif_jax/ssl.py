@@ -13,8 +13,6 @@ Teacher on weak views, student on strong views (UDA / Meta Pseudo Labels):
             mean_l CE(y_l, T(weak x_l))
             + λ_uda · mean_j m_j·KL(sharpen(T(weak u_j)) ‖ T(strong u_j))    (UDA, optional)
             + μ · mean_j h_j · CE(ŷ_j, T(weak u_j)),   h_j = −I_j / std(I)
-              (kdaif.joint.feedback "soft": + μ · mean_j w_j ⟨v_j, softmax(T(weak u_j)/τ)⟩
-               / rms(v), v_j = J_j s; gradient descent on Σ_j w_j I_j through the targets)
 
 ŷ_j is the teacher's hard pseudo-label on the weak view, m_j = 1 where the
 teacher's confidence passes the UDA threshold. The student's weights and the
@@ -184,12 +182,8 @@ def make_ssl_step(
     )
     new_teacher = tea
     if mech.joint:
-      soft = None
-      if opts.joint_feedback == "soft":  # v at the student the scores were taken at
-        v = online.output_tangents(student, stu, xs, state.s, opts.influence, axis_name)
-        soft = (v, w)
       new_teacher, tm = _teacher_update(
-        teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores, opts, axis_name, soft
+        teacher, tea, tx_teacher, xl, yl, xw, xs, t_weak, scores, opts, axis_name
       )
       metrics.update(tm)
     state = state.replace(step=state.step + 1, student=new_student, teacher=new_teacher, ema=ema)
@@ -220,9 +214,7 @@ def _pseudo_label_accuracy(t_weak: jax.Array, batch: dict, axis_name: str | None
   return pmean(jnp.mean(losses.accuracy(t_weak, true)), axis_name)
 
 
-def _teacher_update(
-  teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, opts, axis_name, soft=None
-):
+def _teacher_update(teacher, tea: NetState, tx, xl, yl, xw, xs, t_weak, scores, opts, axis_name):
   ssl, mu = opts.ssl, opts.joint_mu
   pseudo = jnp.argmax(t_weak, axis=-1)
   h = online.feedback_weights(scores, axis_name)
@@ -233,11 +225,7 @@ def _teacher_update(
     inputs = [xl, xw] + ([xs] if use_uda else [])
     logits, ms = teacher.apply(p, tea.model_state, jnp.concatenate(inputs), True)
     sup = jnp.mean(losses.cross_entropy(logits[:nl], yl))
-    if soft is None:
-      fb = online.teacher_feedback_loss(logits[nl : nl + nu], pseudo, h)
-    else:
-      v, w = soft
-      fb = online.soft_feedback_loss(logits[nl : nl + nu], v, w, opts.kd.temperature, axis_name)
+    fb = online.teacher_feedback_loss(logits[nl : nl + nu], pseudo, h)
     total = sup + mu * fb
     uda = jnp.zeros(())
     if use_uda:

@@ -134,9 +134,11 @@ def _with_memory(state, batch: dict, idx) -> dict:
   return {**batch, "memory": state.score_memory[idx], "visits": state.score_visits[idx]}
 
 
-def _record(mechanism: Mechanism, state, idx, out):
+def _record(mechanism: Mechanism, state, idx, out, *, semi_supervised: bool = False):
   scores, w, memory = out
-  if mechanism.batch_weights:
+  # The semi-supervised oracle also weighs each batch in the step (its answer, the
+  # hidden labels, is compared with the teacher's pseudo-labels of that batch).
+  if mechanism.batch_weights or (semi_supervised and mechanism.oracle):
     state = state.replace(
       last_scores=state.last_scores.at[idx].set(scores),
       last_weights=state.last_weights.at[idx].set(w),
@@ -209,7 +211,7 @@ def sharded_ssl_fn(run: Run, per_device):
       "unl_true_labels": arrays["unl_true_labels"][uidx],  # analysis only
     }
     state, metrics, out = sm(state, _with_memory(state, batch, uidx), val_batch(state, arrays))
-    return _record(run.mechanism, state, uidx, out), metrics
+    return _record(run.mechanism, state, uidx, out, semi_supervised=True), metrics
 
   return jax.jit(outer, donate_argnums=(0,))
 

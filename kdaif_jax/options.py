@@ -57,12 +57,14 @@ class Mechanism(NamedTuple):
   @property
   def frozen_weights(self) -> bool:
     """Per-example weights fixed outside the step (a whole-set scoring, or the
-    oracle's flip mask), gathered per batch."""
+    oracle's flip mask), gathered per batch. Supervised runs only: the
+    semi-supervised oracle weighs each batch in the step (``ssl``)."""
     return self.name in ("static", "periodic", "oracle")
 
   @property
   def oracle(self) -> bool:
-    """Benchmark reference: weight 0 on the injected flipped labels (``weights.oracle``)."""
+    """Benchmark reference: weight 0 on the injected flipped labels (``weights.oracle``),
+    or in a semi-supervised run on the teacher's wrong pseudo-labels."""
     return self.name == "oracle"
 
   @property

@@ -106,8 +106,8 @@ def make_ssl_step(
     prepare: ``uint8 images -> normalised inputs``; the views arrive already
       augmented (the loop augments the global batch outside ``shard_map``, so
       1 and N devices see the same views).
-    opts: mechanism (none, online or joint), KD temperature, influence, μ and
-      the SSL options.
+    opts: mechanism (none, online, joint or the oracle reference), KD
+      temperature, influence, μ and the SSL options.
     refresh: recompute g_V and s this step; otherwise reuse ``state.s``.
     axis_name: mesh axis.
 

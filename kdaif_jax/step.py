@@ -49,7 +49,8 @@ class TrainState:
   key: uint32 raw PRNG key data of the run (``jax.random.key_data``).
   student, teacher: ``NetState``s.
   s: CG warm start / cached (C + λI)⁻¹ g_V, like student params.
-  example_weights: [N] frozen per-example weights (static/periodic/oracle; ones otherwise).
+  example_weights: [N] frozen per-example weights (static/periodic and the supervised
+    oracle; ones otherwise).
   last_scores, last_weights: [N] influence and weight each training example
     got the last time it was scored (what weights.csv records).
   solve_stats: [3] float32 iterations, relative residual and negative-curvature

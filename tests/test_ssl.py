@@ -199,6 +199,14 @@ def test_ssl_options_refused_until_their_requirement_is_set(option, value, refus
   config_lib.validate(cfg)
 
 
+def test_semi_supervised_oracle_is_refused_with_injected_noise():
+  # It weighs the unlabelled examples only; flipped labelled ones would stay at 1.
+  cfg = config_lib.base_config()
+  cfg.kdaif.mechanism, cfg.data.num_labelled, cfg.data.noise.rate = "oracle", 100, 0.2
+  with pytest.raises(ValueError, match=r"mechanism='oracle'.*both data.num_labelled and noise"):
+    config_lib.validate(cfg)
+
+
 def test_teachers_pseudo_label_accuracy_is_logged_against_the_hidden_labels():
   state, batch, val, fn = _ssl_setup("none")
   t = models.create("mlp", 3, hidden=16)

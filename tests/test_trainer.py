@@ -274,6 +274,23 @@ def test_oracle_weighs_out_exactly_the_flipped_labels(tmp_path):
   assert "the oracle's weight (the flip mask itself)" in text  # its AUROC 1 is by construction
 
 
+def test_semi_supervised_oracle_weighs_out_the_wrong_pseudo_labels(tmp_path):
+  cfg = tiny(load_config("digits_ssl"), "oracle")
+  cfg.report = True
+  trainer.train_and_evaluate(cfg, str(tmp_path))
+  # Each logged batch: its mean weight is the share of right pseudo-labels, which
+  # the step also logs, independently, against the hidden labels.
+  student = student_train_lines(tmp_path)
+  assert student
+  for r in student:
+    np.testing.assert_allclose(r["w_mean"], r["pseudo_label_accuracy"], rtol=1e-6)
+  # weights.csv keeps every unlabelled example's 0/1 weight of its last visit.
+  w = np.array([float(r["weight"]) for r in read_csv(tmp_path / "weights.csv")])
+  assert set(np.unique(w)) == {0.0, 1.0}
+  text = (tmp_path / "report" / "report.md").read_text()
+  assert "hidden labels of a semi-supervised run" in text
+
+
 def test_oracle_survives_a_batch_of_only_flipped_labels(tmp_path):
   # Every weight of such a batch is 0: a step with zero loss, not 0/0 (a NaN stop).
   cfg = tiny(load_config("digits_noisy"), "oracle")

@@ -199,6 +199,11 @@ def _oracle_weights(t_weak: jax.Array, batch: dict) -> jax.Array:
   A benchmark reference (what perfect detection of the teacher's wrong targets
   gives), not a method: it reads the labels that the split hides from training.
   """
+  if "unl_true_labels" not in batch:  # at trace time, before any compile
+    raise ValueError(
+      "mechanism oracle needs the batch's unl_true_labels (the hidden labels of the "
+      "unlabelled examples); the trainer's loop provides them"
+    )
   right = jnp.argmax(t_weak, axis=-1) == batch["unl_true_labels"]
   return right.astype(jnp.float32)
 

@@ -234,6 +234,8 @@ def test_ssl_oracle_drops_exactly_the_wrong_pseudo_labels():
   kd = losses.kd_loss(student.apply(p, {}, xs, True)[0], t_weak, None, temperature=c.kd.temperature)
   expect = lab + c.ssl.unlabelled_weight * jnp.mean(kd[3:])
   np.testing.assert_allclose(metrics["loss"], expect, rtol=1e-5)
+  with pytest.raises(ValueError, match="oracle needs the batch's unl_true_labels"):
+    fn(state, batch, val)  # a caller without the hidden labels
   # Every pseudo-label wrong: a labelled-only step, not 0/0.
   *_, lab_only = _ssl_setup("none", unlabelled_weight=0.0)
   expect, _, _ = lab_only(state, batch, val)

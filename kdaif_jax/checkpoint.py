@@ -33,7 +33,14 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from kdaif_jax.checkpoint_files import SEAL_FILE as SEAL_FILE
-from kdaif_jax.checkpoint_files import Invalid, check_seal, one_line, quiet_abandoned_reads, seal
+from kdaif_jax.checkpoint_files import (
+  Invalid,
+  check_seal,
+  one_line,
+  quiet_abandoned_reads,
+  seal,
+  write_atomic,
+)
 
 # Re-exported: the trainer and main.py reach the lock through this module.
 from kdaif_jax.workdir_lock import LOCK_FILE as LOCK_FILE
@@ -400,7 +407,4 @@ def check_experiment(workdir: str, fingerprint: dict, write: bool = True) -> Non
   if not write:
     return
   os.makedirs(workdir, exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(fingerprint, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)  # never a half-written fingerprint
+  write_atomic(path, lambda f: json.dump(fingerprint, f, indent=1, sort_keys=True))

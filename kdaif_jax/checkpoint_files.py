@@ -4,7 +4,8 @@
 ``STEP/kdaif_files.json``; ``check_seal`` compares them before anything is
 read, so a truncated or altered step is skipped without Orbax starting (and
 abandoning) reads of it. ``quiet_abandoned_reads`` keeps the echoes of such
-abandoned reads out of the output for steps that have no seal.
+abandoned reads out of the output for steps that have no seal. ``write_atomic``
+writes the run folder's small files so that a kill never leaves one half written.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from typing import IO, Callable
 
 SEAL_FILE = "kdaif_files.json"
 
@@ -106,12 +108,26 @@ def _step_files(step_dir: str) -> dict[str, tuple[int, str]]:
   return files
 
 
+def write_atomic(path: str, write: Callable[[IO], None], *, binary: bool = False) -> None:
+  """Writes a file through ``write(f)`` to ``path.tmp``, then renames it onto ``path``.
+
+  A kill during the write leaves the old file (or none), never a half-written one.
+
+  Args:
+    path: the file to write.
+    write: writes the contents to the open file object it is given.
+    binary: open the temporary file in binary mode.
+  """
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb" if binary else "w") as f:
+    write(f)
+  os.replace(tmp, path)
+
+
 def seal(step_dir: str) -> None:
   """Writes the seal of a complete step (atomically: a killed write leaves no seal)."""
-  tmp = os.path.join(step_dir, SEAL_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({rel: list(v) for rel, v in sorted(_step_files(step_dir).items())}, f)
-  os.replace(tmp, os.path.join(step_dir, SEAL_FILE))
+  files = {rel: list(v) for rel, v in sorted(_step_files(step_dir).items())}
+  write_atomic(os.path.join(step_dir, SEAL_FILE), lambda f: json.dump(files, f))
 
 
 def check_seal(step_dir: str) -> None:

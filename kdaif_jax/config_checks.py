@@ -107,17 +107,18 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _choice(cfg, f"{k}.mechanism", MECHANISMS)
   if text and data.glue.is_regression(cfg.data.name) and cfg.kdaif.mechanism == "joint":
     _fail(f"{k}.mechanism", "joint", "any but joint for regression (its pseudo-labels are classes)")
-  ssl_split, noise = cfg.data.num_labelled > 0, cfg.data.noise.rate > 0
-  if cfg.kdaif.mechanism == "oracle" and not (noise or ssl_split):
-    _fail(
-      f"{k}.mechanism",
-      "oracle",
-      "any but oracle without injected noise (data.noise.rate 0) or a semi-supervised split",
-    )
-  if cfg.kdaif.mechanism == "oracle" and noise and ssl_split:
-    # The semi-supervised oracle weighs the unlabelled examples only: the flips
-    # injected into the labelled set would stay at full weight.
-    _fail(f"{k}.mechanism", "oracle", "any but oracle with both data.num_labelled and noise")
+  if cfg.kdaif.mechanism == "oracle":
+    ssl_split, noise = cfg.data.num_labelled > 0, cfg.data.noise.rate > 0
+    if not (noise or ssl_split):
+      _fail(
+        f"{k}.mechanism",
+        "oracle",
+        "any but oracle without injected noise (data.noise.rate 0) or a semi-supervised split",
+      )
+    if noise and ssl_split:
+      # The semi-supervised oracle weighs the unlabelled examples only: the flips
+      # injected into the labelled set would stay at full weight.
+      _fail(f"{k}.mechanism", "oracle", "any but oracle with both data.num_labelled and noise")
   _choice(cfg, f"{k}.weights", weights.MAPS)
   _choice(cfg, f"{k}.curvature", influence.CURVATURES)
   _choice(cfg, f"{k}.solver", influence.SOLVERS)

@@ -31,6 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
+from kdaif_jax import checkpoint_files
+
 __all__ = [
   "FIRST",
   "FOLDER",
@@ -135,10 +137,8 @@ def save(workdir: str, epoch: int, scores: np.ndarray) -> None:
   """
   path = _path(workdir, epoch)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.save(f, np.asarray(scores, np.float32))
-  os.replace(tmp, path)
+  scores = np.asarray(scores, np.float32)
+  checkpoint_files.write_atomic(path, lambda f: np.save(f, scores), binary=True)
 
 
 def load(workdir: str, epochs: Sequence[int]) -> tuple[list[np.ndarray], list[int]]:

@@ -45,12 +45,10 @@ def explainability(c: Context) -> None:
   signals = {}
   oracle = c.cfg("kdaif.mechanism") == "oracle"
   if np.ptp(weight) > 0:  # plain KD: every weight 1, nothing to rank
-    name = "low training weight"
-    if oracle:  # by construction: the flips, or (semi-supervised) the wrong pseudo-labels
-      ssl_run = c.cfg("data.num_labelled", 0) > 0
-      name = "the oracle's weight (" + (
-        "the teacher's right pseudo-labels)" if ssl_run else "the flip mask itself)"
-      )
+    # The oracle's weight is its answer: the flips, or (semi-supervised) the right pseudo-labels.
+    ssl_run = c.cfg("data.num_labelled", 0) > 0
+    answer = "the teacher's right pseudo-labels" if ssl_run else "the flip mask itself"
+    name = f"the oracle's weight ({answer})" if oracle else "low training weight"
     signals[f"{name} (`weight`)"] = -weight
   if fi is not None:
     signals["high final influence (`final_influence`)"] = fi

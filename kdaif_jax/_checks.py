@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_traced(x: Any) -> bool:
+def is_traced(x: Any) -> bool:
   return isinstance(x, jax.core.Tracer)
 
 
@@ -46,12 +46,17 @@ def check_scalar_fn(f: Any, name: str, *args, **kwargs) -> None:
     )
 
 
+def _scalar(value: Any, name: str) -> float | None:
+  """``value`` as a float (None when traced); ValueError unless it is a scalar."""
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+  return None if is_traced(value) else float(np.asarray(value))
+
+
 def check_nonnegative(value: Any, name: str) -> None:
-  """Raises ValueError for a concrete negative or non-finite value."""
-  if _is_traced(value):
-    return
-  v = float(np.asarray(value))
-  if not np.isfinite(v) or v < 0:
+  """Raises ValueError for a non-scalar, or a concrete negative or non-finite value."""
+  v = _scalar(value, name)
+  if v is not None and (not np.isfinite(v) or v < 0):
     raise ValueError(f"{name} must be a finite number >= 0, got {value}")
 
 
@@ -78,7 +83,7 @@ def check_finite_tree(tree: Any, name: str, hint: str = "") -> None:
   concrete = [
     (path, leaf)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    if not _is_traced(leaf) and _is_numeric(leaf)
+    if not is_traced(leaf) and _is_numeric(leaf)
   ]
   if not concrete:
     return
@@ -131,20 +136,16 @@ def check_float_tree(tree: Any, name: str) -> None:
 
 
 def check_positive(value: Any, name: str) -> None:
-  """Raises ValueError for a concrete value that is not a finite number > 0."""
-  if _is_traced(value):
-    return
-  v = float(np.asarray(value))
-  if not np.isfinite(v) or v <= 0:
+  """Raises ValueError for a non-scalar, or a concrete value that is not a finite number > 0."""
+  v = _scalar(value, name)
+  if v is not None and (not np.isfinite(v) or v <= 0):
     raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def check_in_range(value: Any, name: str, lo: float, hi: float) -> None:
-  """Raises ValueError for a concrete value outside the closed interval [lo, hi]."""
-  if _is_traced(value):
-    return
-  v = float(np.asarray(value))
-  if not (np.isfinite(v) and lo <= v <= hi):
+  """Raises ValueError for a non-scalar, or a concrete value outside [lo, hi]."""
+  v = _scalar(value, name)
+  if v is not None and not (np.isfinite(v) and lo <= v <= hi):
     raise ValueError(f"{name} must be a number in [{lo}, {hi}], got {value}")
 
 
@@ -165,7 +166,7 @@ def check_class_ids(labels: Any, num_classes: int, name: str, *, lo: int = 0) ->
 
   Traced labels are skipped (values unknown at trace time).
   """
-  if _is_traced(labels):
+  if is_traced(labels):
     return
   y = np.asarray(labels)
   bad = (y < lo) | (y >= num_classes)

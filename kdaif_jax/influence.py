@@ -209,7 +209,9 @@ def inverse_hvp(
     ``(s, info)``.
   """
   _checks.check_choice(solver, "solver", SOLVERS)
-  if solver == "identity":
+  if solver == "identity":  # the options are unused, but a wrong one is still a mistake
+    _checks.check_nonnegative(damping, "damping")
+    _checks.check_positive_int(maxiter, "maxiter")
     _checks.check_float_tree(b, "b")
     _checks.check_finite_tree(b, "b")
     zero, finite = jnp.zeros((), jnp.int32), tree_isfinite(b)
@@ -261,6 +263,7 @@ def solve_direction(
   """
   _checks.check_choice(curvature, "curvature", CURVATURES)
   _checks.check_choice(solver, "solver", SOLVERS)
+  _checks.check_float_tree(params, "params")
   _checks.check_scalar_fn(val_loss_fn, "val_loss_fn", params)
   local = parallel.device_local(params, axis_name)
   g_v = parallel.pmean(jax.grad(val_loss_fn)(local), axis_name)

@@ -41,7 +41,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.stats import rankdata
+
+from kdaif_jax import _checks
 
 __all__ = [
   "LDSResult",
@@ -92,7 +95,7 @@ def sample_masks(
 ) -> jax.Array:
   """Random subsets of equal size, as 0/1 masks.
 
-  Every subset holds exactly k = round(fraction · N) examples, drawn without
+  Every subset holds exactly k = max(1, round(fraction · N)) examples, drawn without
   replacement and independently of the other subsets (TRAK's protocol).
 
   Args:
@@ -128,7 +131,17 @@ def subset_indices(masks: jax.Array) -> jax.Array:
 
   Returns:
     int32 [m, k].
+
+  Raises:
+    ValueError: ``masks`` not 2-D, or (when concrete) rows of different sizes.
   """
+  _check_matrix(masks, "masks")
+  counts = np.asarray(jnp.sum(masks, axis=1)) if not _checks.is_traced(masks) else None
+  if counts is not None and np.any(counts != counts[0]):
+    raise ValueError(
+      f"masks must hold the same number of True entries in every row, got "
+      f"{int(counts.min())} to {int(counts.max())}"
+    )
   k = int(jnp.sum(masks[0]))
   order = jnp.argsort(~masks, axis=1, stable=True)  # True entries first, in index order
   return order[:, :k].astype(jnp.int32)
@@ -158,7 +171,13 @@ def spearman(a: jax.Array, b: jax.Array) -> jax.Array:
 
   Returns:
     [T] correlations in [-1, 1].
+
+  Raises:
+    ValueError: ``a`` and ``b`` not 2-D arrays of one shape.
   """
+  _check_matrix(a, "a")
+  if np.shape(a) != np.shape(b):
+    raise ValueError(f"a and b must have one shape [m, T], got {np.shape(a)} and {np.shape(b)}")
   ra = jax.vmap(rankdata, in_axes=1, out_axes=1)(a)
   rb = jax.vmap(rankdata, in_axes=1, out_axes=1)(b)
   ra = ra - jnp.mean(ra, axis=0)
@@ -181,7 +200,9 @@ def lds(scores: jax.Array, masks: jax.Array, outputs: jax.Array) -> LDSResult:
     ``LDSResult`` (per-test correlations [T] and their mean).
 
   Raises:
-    ValueError: shapes that do not fit together.
+    ValueError: shapes that do not fit together, ``masks`` without a True
+      entry, or (when concrete) NaN or inf in ``scores`` or ``outputs`` (a
+      failed retraining would otherwise drop out of the mean unnoticed).
   """
   _check_shapes(scores, masks, outputs)
   per_test = spearman(predictions(scores, masks), outputs)
@@ -217,13 +238,25 @@ def bootstrap_subsets(
   return jax.lax.map(one, rows)
 
 
+def _check_matrix(x: jax.Array, name: str) -> None:
+  if np.ndim(x) != 2:
+    raise ValueError(f"{name} must be a 2-D array, got shape {np.shape(x)}")
+
+
 def _check_shapes(scores: jax.Array, masks: jax.Array, outputs: jax.Array) -> None:
+  """Shapes [N, T], [m, N], [m, T]; at least one True mask entry; finite values."""
+  for x, name in ((scores, "scores"), (masks, "masks"), (outputs, "outputs")):
+    _check_matrix(x, name)
   n, t = scores.shape
   if masks.shape[1] != n or outputs.shape != (masks.shape[0], t):
     raise ValueError(
       f"scores [N, T]={scores.shape}, masks [m, N]={masks.shape} and outputs "
       f"[m, T]={outputs.shape} do not fit together"
     )
+  if not _checks.is_traced(masks) and not np.any(np.asarray(masks)):
+    raise ValueError("masks has no True entry: every subset is empty")
+  _checks.check_finite_tree(scores, "scores")
+  _checks.check_finite_tree(outputs, "outputs", " (a failed retraining? drop its row first)")
 
 
 def noise_ceiling(outputs_a: jax.Array, outputs_b: jax.Array) -> NoiseCeiling:
@@ -237,10 +270,13 @@ def noise_ceiling(outputs_a: jax.Array, outputs_b: jax.Array) -> NoiseCeiling:
     ``NoiseCeiling``: r_t, √max(r_t, 0) and their means over T.
 
   Raises:
-    ValueError: different shapes.
+    ValueError: not 2-D, different shapes, or (when concrete) NaN or inf.
   """
+  _check_matrix(outputs_a, "outputs_a")
   if outputs_a.shape != outputs_b.shape:
     raise ValueError(f"outputs of different shapes: {outputs_a.shape} vs {outputs_b.shape}")
+  _checks.check_finite_tree(outputs_a, "outputs_a")
+  _checks.check_finite_tree(outputs_b, "outputs_b")
   r = spearman(outputs_a, outputs_b)
   ceiling = jnp.sqrt(jnp.maximum(r, 0.0))
   return NoiseCeiling(r, ceiling, jnp.nanmean(r), jnp.nanmean(ceiling))

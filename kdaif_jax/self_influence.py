@@ -73,10 +73,12 @@ def damped_cholesky(
     [P, P] lower-triangular array in the order of ``jax.flatten_util.ravel_pytree``.
 
   Raises:
-    ValueError: an unknown curvature, a negative damping, or P > ``max_params``.
+    ValueError: an unknown curvature, a negative damping, P > ``max_params``
+      or ``column_chunk`` not an integer ≥ 1.
   """
   _checks.check_choice(curvature, "curvature", CURVATURES)
   _checks.check_nonnegative(damping, "damping")
+  _checks.check_positive_int(column_chunk, "column_chunk")
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   p = flat.size
   if p > max_params:
@@ -115,8 +117,9 @@ def self_influence(
     float array [B], ≥ 0 (NaN where ``chol`` is NaN); large = self-influential.
 
   Raises:
-    ValueError: params not floating point, the loss not a [B] vector, or
-      ``chol`` not [P, P].
+    ValueError: params not floating point, the loss not a [B] vector,
+      ``chol`` not [P, P] or (when concrete) not lower-triangular (its upper
+      half would be ignored: an upper factor Lᵀ gives wrong values).
   """
   _checks.check_float_tree(params, "params")
   f = lambda p: per_example_loss_fn(p, *args, **kwargs)
@@ -126,6 +129,9 @@ def self_influence(
   p = jax.flatten_util.ravel_pytree(params)[0].size
   if chol.shape != (p, p):
     raise ValueError(f"chol must be [P, P] = [{p}, {p}] for these params, got {chol.shape}")
+  upper = None if _checks.is_traced(chol) else jnp.triu(chol, 1)  # NaN: no factor (documented)
+  if upper is not None and bool(jnp.any(jnp.isfinite(upper) & (upper != 0))):
+    raise ValueError("chol must be lower-triangular (damped_cholesky's L, not its transpose)")
   b = out.shape[0]
   jac = jax.jacrev(f)(params)  # leaves [B, *leaf.shape], in ravel_pytree's leaf order
   g = jnp.concatenate([jnp.reshape(x, (b, -1)) for x in jax.tree.leaves(jac)], axis=1)

@@ -38,13 +38,17 @@ class SolveInfo(NamedTuple):
   """Diagnostics of an inverse solve (all jnp scalars, so jittable).
 
   iterations: int32, matvec iterations that changed x.
-  residual: relative residual ||b - (A + λI) x|| / ||b||.
+  residual: relative residual ||b - (A + λI) x|| / ||b||; for ``cg_solve``
+    CG's recursively updated residual, which tracks the true one up to
+    rounding (in float32 it can read 0 where the true value is ~1e-7).
   negative_curvature: bool, a search direction with pᵀ(A + λI)p ≤ 0 was met
     (CG stopped there; raise the damping or use the Gauss-Newton curvature).
   finite: bool, x is finite.
   diverged: bool, the solve blew up and x must not be used. Set when x is not
     finite (every solver), for ``cg_solve`` when its residual is not finite
-    (a NaN curvature product), and, for ``lissa``, when the Neumann recursion grew:
+    (a NaN curvature product) or exceeds 1/√ε of its dtype (x is thousands
+    of times worse than x = 0: A + λI singular, e.g. a Gauss-Newton matrix with
+    damping 0, and b outside its range), and, for ``lissa``, when the Neumann recursion grew:
     the final iterate's norm exceeds (depth + 1)·||b|| (a bound every
     convergent recursion obeys), or, with a single matvec, the relative
     residual exceeds 1 (x is worse than x = 0). Both mean ``scale`` is below
@@ -84,7 +88,10 @@ def cg_solve(
 
   A must be symmetric; CG converges for A + λI positive definite. When a
   direction of non-positive curvature appears (indefinite Hessian), CG stops
-  there, keeps the last iterate and sets ``info.negative_curvature``.
+  there, keeps the last iterate and sets ``info.negative_curvature``. With
+  damping 0 and a singular A (a batch's Gauss-Newton matrix has rank at most
+  B·K, usually below the parameter count) the system has no solution for b
+  outside A's range and x grows without bound: use damping > 0.
 
   Args:
     matvec: linear map v -> A v on pytrees like ``b``.
@@ -92,7 +99,8 @@ def cg_solve(
     damping: λ ≥ 0 added to the diagonal.
     maxiter: maximum number of iterations (≥ 1); each costs one ``matvec``.
     tol: stop when ||r|| ≤ tol·||b|| (relative residual); a finite number
-      ≥ 0 (0 runs all ``maxiter`` iterations).
+      ≥ 0 (0 runs all ``maxiter`` iterations unless the residual reaches
+      exactly 0).
     x0: warm start (pytree like ``b``); zeros when None. Started from the
       answer, CG takes 0 iterations.
     unroll: True unrolls the ``maxiter`` iterations in the traced program (fast
@@ -101,12 +109,12 @@ def cg_solve(
 
   Returns:
     ``(x, info)``: x a pytree like ``b``; ``info`` a ``SolveInfo``
-    (``info.diverged`` when x or the residual is not finite).
+    (``info.diverged`` when x or the residual is not finite, or blew up).
 
   Raises:
     ValueError: a negative or non-finite ``damping`` or ``tol``, ``maxiter``
       not an integer ≥ 1, ``b`` not floating point or (when concrete) not
-      finite, ``x0`` not shaped like ``b``.
+      finite, ``x0`` not shaped like ``b`` or (when concrete) not finite.
   """
   _checks.check_nonnegative(damping, "damping")
   _checks.check_nonnegative(tol, "tol")
@@ -115,6 +123,7 @@ def cg_solve(
   _checks.check_finite_tree(b, "b", _B_HINT)
   if x0 is not None:
     _checks.check_tree_match(b, x0, "x0", "b")
+    _checks.check_finite_tree(x0, "x0")
   unroll = default_unroll() if unroll is None else unroll
   damped = lambda v: otu.tree_add_scale(matvec(v), damping, v)
 
@@ -151,15 +160,17 @@ def cg_solve(
     state = jax.lax.while_loop(cond, body, state)
   x, _, _, rr, it, neg, _ = state
   finite = tree_isfinite(x)
+  residual = jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0))
+  blown_up = residual > 1.0 / np.sqrt(np.finfo(residual.dtype).eps)
   info = SolveInfo(
     iterations=it,
-    residual=jnp.sqrt(rr / jnp.where(bb > 0, bb, 1.0)),
+    residual=residual,
     negative_curvature=neg,
     finite=finite,
     # A non-finite residual fails the solve even where x stayed finite: the while
     # loop never runs when the first residual is NaN (x stays x0, seen on a GPU),
     # while the unrolled iterations carry the NaN into x.
-    diverged=~finite | ~jnp.isfinite(rr),
+    diverged=~finite | ~jnp.isfinite(rr) | blown_up,
   )
   return x, info
 

@@ -61,10 +61,11 @@ def checkpoint_steps(total: int, k: int, first: float = FIRST) -> tuple[int, ...
   Returns:
     An increasing tuple of integers in 1..T that ends with T.
   """
-  if total < 1 or k < 1 or not 0 < first <= 1:
+  integers = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (total, k))
+  if not integers or total < 1 or k < 1 or not 0 < first <= 1:
     raise ValueError(
-      f"checkpoint_steps: total={total}, k={k}, first={first}; allowed: total, k >= 1 "
-      "and 0 < first <= 1"
+      f"checkpoint_steps: total={total!r}, k={k!r}, first={first}; allowed: integers "
+      "total, k >= 1 and 0 < first <= 1"
     )
   start = max(1.0, first * total) if k > 1 else total  # geomspace's one point is its start
   grid = np.round(np.geomspace(start, total, k)).astype(int)
@@ -117,9 +118,15 @@ def average(checkpoints: Sequence[np.ndarray]) -> np.ndarray:
 
   Returns:
     [N] or [N, T] float64, in units of each checkpoint's standard deviation.
+
+  Raises:
+    ValueError: no checkpoints, or checkpoints of different shapes.
   """
   if not checkpoints:
     raise ValueError("average: no checkpoints to average")
+  shapes = {np.shape(s) for s in checkpoints}
+  if len(shapes) > 1:
+    raise ValueError(f"average: checkpoints must have one shape, got {sorted(shapes)}")
   return np.mean([standardised(s) for s in checkpoints], axis=0)
 
 

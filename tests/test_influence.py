@@ -633,6 +633,51 @@ def test_bad_inputs_raise_clear_errors(problem):
     influence.batch_influence(p, train, val, damping=-1.0)
   with pytest.raises(ValueError, match="scalar"):
     influence.batch_influence(p, train, lambda q: per_example_loss(q, x, y))
+  # the identity solver ignores damping and maxiter, but a wrong value is still refused
+  with pytest.raises(ValueError, match="damping"):
+    influence.inverse_hvp(None, v, solver="identity", damping=-1.0)
+  with pytest.raises(ValueError, match="maxiter"):
+    influence.inverse_hvp(None, v, solver="identity", maxiter=0)
+  with pytest.raises(ValueError, match="damping must be a scalar"):
+    influence.cg_solve(ident, v, damping=jnp.array([0.1, 0.2]))
+  with pytest.raises(ValueError, match=r"x0\['b1'\].*NaN"):
+    influence.cg_solve(ident, v, x0=nan_b)
+  int_params = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.int32), p)
+  with pytest.raises(ValueError, match="params"):
+    influence.solve_direction(int_params, train, val)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_cg_on_a_singular_system_without_damping_is_diverged(dtype):
+  """A batch Gauss-Newton matrix of rank < P, damping 0: the system has no solution.
+
+  Softmax regression, 2 examples, 4 features, 3 classes: C has rank 4 in 12
+  dimensions and g_V lies outside its range. CG's iterate grows by 1e6 (float32)
+  to 1e16 (float64) while staying finite; the solve must be marked diverged rather
+  than hand back such scores as if they were usable.
+  """
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 4)), dtype)
+  xv = jnp.asarray(rng.normal(size=(6, 4)), dtype)
+  y, yv = jnp.array([0, 1]), jnp.asarray(rng.integers(0, 3, 6))
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)) * 0.1, dtype)}
+  ce = lambda z, t: -jax.nn.log_softmax(z)[jnp.arange(t.shape[0]), t]
+  train = influence.PerExampleLoss(lambda q: x @ q["w"], lambda z: ce(z, y))
+  val = lambda q: jnp.mean(ce(xv @ q["w"], yv))
+  c = influence.dense_matrix(influence.curvature_matvec(train, params), params)
+  assert np.linalg.matrix_rank(np.asarray(c, np.float64), tol=1e-6) == 4
+  for unroll in (True, False):
+    res = influence.batch_influence(
+      params, train, val, damping=0.0, maxiter=50, tol=1e-10, unroll=unroll
+    )
+    assert bool(res.info.diverged), res.info
+  # with damping the same system is regular: solved, not flagged
+  res = influence.batch_influence(params, train, val, damping=0.1, maxiter=50, tol=1e-10)
+  assert not bool(res.info.diverged)
+  g = np.asarray(res.val_grad["w"], np.float64).ravel()
+  want = np.linalg.solve(np.asarray(c, np.float64) + 0.1 * np.eye(12), g)
+  tol = 1e-3 if dtype == jnp.float32 else 1e-8
+  np.testing.assert_allclose(np.asarray(res.s["w"]).ravel(), want, rtol=tol, atol=tol)
 
 
 def test_lissa_with_too_few_batches_is_a_value_error(spd_problem):

@@ -165,3 +165,33 @@ def test_self_influence_in_the_head_and_refusal():
   np.testing.assert_allclose(got, want, rtol=2e-3)
   with pytest.raises(ValueError, match="max_params"):
     si.damped_cholesky(params, train, max_params=10)
+  with pytest.raises(ValueError, match="column_chunk"):
+    si.damped_cholesky(head.params, head.train_loss, column_chunk=0)
+  with pytest.raises(ValueError, match="lower-triangular"):  # Lᵀ would give wrong values
+    si.self_influence(head.train_loss, head.params, chol.T)
+
+
+def test_lds_refuses_inputs_that_would_silently_distort_the_score():
+  key = jax.random.key(0)
+  masks = lds.sample_masks(key, M, N)
+  scores = jax.random.normal(jax.random.key(1), (N, T))
+  outputs = jax.random.normal(jax.random.key(2), (M, T))
+  assert np.isfinite(float(lds.lds(scores, masks, outputs).mean))
+  # one failed retraining (a NaN row) would drop every test example from the mean
+  with pytest.raises(ValueError, match="outputs.*NaN"):
+    lds.lds(scores, masks, outputs.at[3].set(jnp.nan))
+  with pytest.raises(ValueError, match="scores.*NaN"):
+    lds.lds(scores.at[0, 0].set(jnp.inf), masks, outputs)
+  with pytest.raises(ValueError, match="no True entry"):
+    lds.lds(scores, jnp.zeros_like(masks), outputs)
+  with pytest.raises(ValueError, match="scores must be a 2-D array"):
+    lds.lds(scores[:, 0], masks, outputs)
+  with pytest.raises(ValueError, match="masks must be a 2-D array"):
+    lds.subset_indices(masks[0])
+  with pytest.raises(ValueError, match="one shape"):
+    lds.spearman(outputs, outputs[:, :3])
+  with pytest.raises(ValueError, match="outputs_b.*NaN"):
+    lds.noise_ceiling(outputs, outputs.at[0, 0].set(jnp.nan))
+  uneven = jnp.array([[True, False, False], [True, True, False]])
+  with pytest.raises(ValueError, match="same number of True entries.*1 to 2"):
+    lds.subset_indices(uneven)

@@ -100,3 +100,10 @@ def test_config_refuses_a_trajectory_without_an_epoch_before_the_last():
     config.validate(cfg)
   cfg.student.epochs = 2
   config.validate(cfg)
+
+
+def test_checkpoint_steps_and_average_refuse_malformed_input():
+  with pytest.raises(ValueError, match="integers"):
+    trajectory.checkpoint_steps(10.5, 3)  # would not end at T
+  with pytest.raises(ValueError, match="one shape"):
+    trajectory.average([np.zeros(4), np.zeros(5)])

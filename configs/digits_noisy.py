@@ -4,8 +4,9 @@ Digits with 40% symmetric label noise on the training split (validation and
 test stay clean), cnn_large -> cnn_small, KD-AIF `online`. The teacher is
 trained on the noisy labels too. Compare against plain KD with
 `--config.kdaif.mechanism=none`; bench/accuracy_digits.py does it over seeds
-and noise rates (BENCHMARKS.md has the measured numbers). A few minutes on 2
-CPU cores.
+and noise rates. It should reach about 96% (`online` 95.91 ± 0.58 over 3 seeds
+against plain KD's 94.89 ± 0.85; its weights find the flipped labels with AUROC
+0.984; BENCHMARKS.md §3c). A few minutes on 2 CPU cores.
 
 `get_config('smoke')` shrinks it to seconds (tests).
 """

@@ -17,6 +17,8 @@ Data, prepared once with TensorFlow installed (internet needed for this step):
 then --config.data.data_dir=DIR (or TFDS_DATA_DIR). Nothing is downloaded at run time.
 """
 
+import copy
+
 import ml_collections
 
 from kdaif_jax import config as config_lib
@@ -30,7 +32,7 @@ _VAL_SIZE = {"rte": 250, "wnli": 64, "mrpc": 300}
 def _smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The shared ``smoke`` shrink, keeping the GLUE data and the MiniLM teacher."""
   s = config_lib.smoke(c)  # epochs, CG, logging; it swaps in synthetic images ...
-  s.data = ml_collections.ConfigDict(c.data.to_dict())  # ... which text keeps out
+  s.data = copy.deepcopy(c.data)  # ... which text keeps out (with its placeholder types)
   s.data.val_size = 16
   s.data.text.max_length = 16
   s.teacher.model, s.student.model = c.teacher.model, "bert_minilm_l1"

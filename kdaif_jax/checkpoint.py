@@ -36,11 +36,13 @@ from kdaif_jax.checkpoint_files import SEAL_FILE as SEAL_FILE
 from kdaif_jax.checkpoint_files import (
   Invalid,
   check_seal,
+  init_folder,
   one_line,
   quiet_abandoned_reads,
   seal,
   write_atomic,
 )
+from kdaif_jax.logs import absl_quiet
 
 # Re-exported: the trainer and main.py reach the lock through this module.
 from kdaif_jax.workdir_lock import LOCK_FILE as LOCK_FILE
@@ -275,8 +277,6 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
     FileNotFoundError: no complete checkpoint in ``folder``.
     RuntimeError: none of them could be read (the last error is named).
   """
-  from absl import logging as absl_logging
-
   # Orbax reads absolute paths only; a relative one is the working directory's
   # (``--config.teacher.init=workdirs/x``), as for ``PhaseCheckpoints``.
   folder = os.path.abspath(folder)
@@ -294,9 +294,7 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
   )
   if not steps:
     raise FileNotFoundError(f"no complete checkpoint in {folder}")
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax logs missing optional metadata
-  try:
+  with absl_quiet():  # orbax logs missing optional metadata
     ckptr = ocp.PyTreeCheckpointer()
     error: Exception | None = None
     for step in steps:
@@ -316,8 +314,6 @@ def restore_net_arrays(folder: str, net: str) -> tuple[Any, Any, int]:
       except Exception as err:  # noqa: BLE001 - try the next older step
         error = err
     raise RuntimeError(f"{folder}: {error}")
-  finally:
-    absl_logging.set_verbosity(verbosity)
 
 
 def load_net(path: str, phase: str, like: Any) -> tuple[Any, Any]:
@@ -329,11 +325,7 @@ def load_net(path: str, phase: str, like: Any) -> tuple[Any, Any]:
     phase: "teacher" or "student": which network of the checkpointed state.
     like: a ``NetState`` with the expected shapes.
   """
-  folder = os.path.join(path, "checkpoints", "teacher")
-  if not os.path.isdir(folder):
-    folder = path
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"config.teacher.init={path!r}: no checkpoint folder found")
+  folder = init_folder(path)
   try:
     params, ms, _ = restore_net_arrays(folder, phase)
   except (FileNotFoundError, RuntimeError) as e:

@@ -152,3 +152,28 @@ def check_seal(step_dir: str) -> None:
       raise Invalid(f"unreadable: {rel} has {found[rel][0]} bytes, saved with {size}")
     if found[rel][1] != digest:
       raise Invalid(f"unreadable: {rel} changed on disk since it was saved")
+
+
+def init_folder(path: str) -> str:
+  """The checkpoint folder that ``config.teacher.init`` names.
+
+  Args:
+    path: a workdir of an earlier run (its ``checkpoints/teacher`` is used) or a
+      ``checkpoints/PHASE`` folder.
+
+  Returns:
+    The folder holding the numbered checkpoint steps.
+
+  Raises:
+    FileNotFoundError: no such folder, or one without a saved step (one line,
+      naming the option), so that ``validate`` refuses it before any data loads.
+  """
+  folder = os.path.join(path, "checkpoints", "teacher")
+  if not os.path.isdir(folder):
+    folder = path
+  if not os.path.isdir(folder) or not any(n.isdigit() for n in os.listdir(folder)):
+    raise FileNotFoundError(
+      f"config.teacher.init={path!r}: no checkpoint folder found; allowed: the workdir "
+      "of an earlier run, or a checkpoints/teacher (or student) folder with saved steps"
+    )
+  return folder

@@ -11,6 +11,8 @@ read here, at the edge, and nowhere below the trainer.
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 
 from kdaif_jax import data, influence, losses, optim, options, weights
@@ -72,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
       matmul_precision="highest",
       # β of each example's running memory of its standardised scores (0: this step's
       # only). Digits, 40% noise, 3 seeds (BENCHMARKS.md §3c): AUROC of the online
-      # weights 0.959 -> 0.983 (symmetric), 0.943 -> 0.984 (asymmetric).
+      # weights 0.959 -> 0.984 (symmetric), 0.943 -> 0.984 (asymmetric).
       score_memory=0.8,
       # "teacher": the memory starts from the teacher's whole-set influence (one
       # scoring pass in its classifier layer); "none": from each example's first
@@ -282,7 +284,7 @@ def smoke(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   images of the same shape and class count, and large networks become small
   ones of the registry, so that the smoke test exercises every code path.
   """
-  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg = copy.deepcopy(cfg)  # keeps placeholder types: --config.data.data_dir still overrides
   if cfg.data.name != "digits":
     size = 32 if cfg.data.name != "synthetic" else cfg.data.synthetic.image_size
     classes = {"cifar100": 100}.get(cfg.data.name, cfg.data.synthetic.num_classes)

@@ -10,7 +10,16 @@ from typing import Any
 
 import ml_collections
 
-from kdaif_jax import data, influence, models, objectives, optim, options, weights
+from kdaif_jax import (
+  checkpoint_files,
+  data,
+  influence,
+  models,
+  objectives,
+  optim,
+  options,
+  weights,
+)
 from kdaif_jax.options import MECHANISMS
 
 UNROLL = ("auto", "unroll", "loop")
@@ -84,6 +93,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _number(cfg, f"{net}.optimizer.warmup_epochs", 0)
     _number(cfg, f"{net}.optimizer.clip_norm", 0)
   _number(cfg, "teacher.epochs", 0 if cfg.teacher.init else 1, integer=True)
+  if cfg.teacher.init:  # before the data loads, not 20 s into the run
+    checkpoint_files.init_folder(cfg.teacher.init)
   _number(cfg, "student.epochs", 1, integer=True)
   _number(cfg, "batch_size", 1, integer=True)
   _number(cfg, "eval_batch_size", 1, integer=True)
@@ -134,7 +145,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       "teacher",
       "none when data.num_labelled > 0 (the memory belongs to the supervised online step)",
     )
-  _number(cfg, f"{k}.damping", 0)
+  # A batch's curvature has rank <= B·K, below the parameter count: without damping
+  # the solve has no answer (CG grows without bound). Unused by the identity solver.
+  _number(cfg, f"{k}.damping", 0, lo_open=cfg.kdaif.solver != "identity")
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)
   _number(cfg, f"{k}.refresh_every", 1, integer=True)
@@ -153,8 +166,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   _number(cfg, f"{k}.joint.every", 1, integer=True)
-  if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
-    _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
   _choice(cfg, "ssl.targets", SSL_TARGETS)
   if cfg.ssl.targets == "fixmatch" and cfg.kdaif.mechanism != "none":
     _fail("ssl.targets", "fixmatch", "soft or hard with a KD-AIF mechanism (fixmatch: with none)")

@@ -15,6 +15,7 @@ import numpy as np
 
 from kdaif_jax import data, models, parallel
 from kdaif_jax import step as step_lib
+from kdaif_jax.logs import log
 from kdaif_jax.parallel import BATCH, REPLICATED
 from kdaif_jax.text import tokenize
 
@@ -102,6 +103,13 @@ def eval_and_log(
           **r,
         }
       )
+  # One console line per evaluation (the full records are in metrics.jsonl).
+  parts = []
+  for (name, split_name), r in results.items():
+    value = r.get("accuracy")
+    shown = f"{100 * value:.2f}%" if value is not None else f"loss {r['loss']:.4g}"
+    parts.append(f"{name} {split_name} {shown}" if len(nets) > 1 else f"{split_name} {shown}")
+  log.info("%s epoch %d: %s", phase, epoch, ", ".join(parts))
   return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -152,3 +153,17 @@ def setup_logging() -> None:
   from absl import logging as absl_logging
 
   absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+@contextlib.contextmanager
+def absl_quiet():
+  """Shows only absl ERROR lines inside the block (orbax's and tfds' routine warnings,
+  e.g. missing optional metadata, would otherwise precede our one-line errors)."""
+  from absl import logging as absl_logging
+
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)

@@ -273,6 +273,10 @@ def run_phase(
   # see the same epoch order.
   perm_key = jax.random.fold_in(jax.random.key(cfg.seed), zlib.crc32(phase.encode()) % (2**31))
   progress = Progress(phase, total, start, cfg.progress, cfg.log_every_steps)
+  if start < total:  # the first step compiles: seconds on a CPU, minutes for a WRN
+    log.info("%s: steps %d-%d (%d per epoch); compiling the step", phase, start + 1, total, spe)
+  else:  # a rerun of a finished workdir redoes only the final evaluation and files
+    log.info("%s: already complete (%d steps)", phase, total)
   t0 = time.time()
   perm, perm_epoch = None, -1
   # Text (supervised GLUE): each batch runs at its own length bucket, so a batch of
@@ -321,7 +325,7 @@ def run_phase(
     if step % cfg.log_every_steps == 0 or step == total:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       run.writer.write({"kind": "train", "phase": phase, "step": step, "epoch": epoch, **m})
-      progress.update(step, {"loss": m["loss"], "acc": m["accuracy"]})
+      progress.update(step, {"loss": m["loss"], "batch_acc": m["accuracy"]})
       what = divergence(watched(m))
       if what is not None:
         raise diverged_error(run.cfg, phase, step, what, ckpt)

@@ -95,7 +95,10 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
   devices = jax.devices()
   n = len(devices) if not num_devices else num_devices
   if n > len(devices):
-    raise ValueError(f"num_devices={n} but only {len(devices)} devices are visible")
+    raise ValueError(
+      f"config.num_devices={n} is invalid: {len(devices)} device(s) visible; "
+      f"allowed: 0 (all) to {len(devices)}"
+    )
   return jax.make_mesh((n,), (AXIS,), axis_types=(AxisType.Auto,), devices=devices[:n])
 
 

@@ -56,6 +56,9 @@ def finish(
       results[(name, split)] = evaluation.evaluate(
         run, model, net, getattr(ds, split), return_logits=(split == "test")
       )
+  log.info(
+    "final: whole-set influence and self-influence of the %d training examples", len(ds.train)
+  )
   final_scores, _ = scorer(
     state, loop.scored_arrays(run), run_key(cfg.seed, RunStream.FINAL_SCORING)
   )

@@ -370,9 +370,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parallel.check_batch_size(cfg.eval_batch_size, mesh, "eval_batch_size")
   lock = checkpoint.open_workdir(workdir)
   try:
-    # Before anything else is written: a workdir of another experiment is refused
-    # even when the run that made it stopped before its first checkpoint.
-    checkpoint.check_experiment(workdir, _fingerprint(cfg), write=parallel.is_main_process())
+    # Refused before anything is written; recorded in _train once data and state exist.
+    checkpoint.check_experiment(workdir, _fingerprint(cfg), write=False)
     return _train(cfg, workdir, mesh, t_start)
   finally:
     if lock is not None:
@@ -436,6 +435,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, mesh, t_start: float) -
     )
   try:
     state = parallel.replicate(_init_state(run, jax.random.key(cfg.seed)), mesh)
+    checkpoint.check_experiment(workdir, _fingerprint(cfg), write=parallel.is_main_process())
     fresh_student = jax.tree.map(jnp.copy, state.student)  # survives the donated steps
     scorer = scoring.make_whole_set_scorer(
       student, teacher, run.prepare, config_lib.scorer_options(cfg), mesh

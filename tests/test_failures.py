@@ -257,6 +257,17 @@ def test_experiment_is_checked_before_the_first_step_without_checkpoints(tmp_pat
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_a_run_refused_for_its_data_or_teacher_init_does_not_claim_the_workdir(tmp_path):
+  # Refused in validate(), before any data loads (it used to fail 20 s in).
+  rc, out = run_main([SMOKE, f"--config.teacher.init={tmp_path / 'absent'}"], tmp_path)
+  assert_one_line_error(rc, out, r"^error: config\.teacher\.init=.*no checkpoint folder found")
+  # Refused once the data is known: the corrected command must not meet a recorded
+  # fingerprint of the refused one ("holds a different experiment").
+  rc, out = run_main([SMOKE, "--config.batch_size=100000"], tmp_path)
+  assert_one_line_error(rc, out, r"^error: config\.batch_size=100000 exceeds the \d+ training")
+  assert not (tmp_path / "experiment.json").exists()
+
+
 def test_a_workdir_older_than_an_added_option_still_resumes(tmp_path):
   # experiment.json written before kdaif.matmul_precision and kdaif.whole_set.trajectory
   # existed: the same experiment.
@@ -290,6 +301,9 @@ def test_every_config_rejects_an_unknown_variant(name):
   assert "\n" not in str(e.value)
   full, smoke = load_config(name, None), load_config(name, "smoke")
   assert full.student.epochs > smoke.student.epochs  # both variants still load
+  # --config.data.data_dir=DIR must override on the smoke variant too (its type is
+  # what ml_collections' flag parser reads; a None without it is refused)
+  assert smoke.data.get_type("data_dir") is str
   assert load_config(name, "").to_dict() == full.to_dict()
 
 
@@ -303,6 +317,7 @@ def test_glue_config_needs_a_task_and_names_them_all():
     load_config("glue", None)
   full, smoke = load_config("glue", "sst2"), load_config("glue", "sst2_smoke")
   assert full.student.epochs >= smoke.student.epochs and full.data.name == "glue/sst2"
+  assert smoke.data.get_type("data_dir") is str  # --config.data.data_dir overrides
 
 
 def test_variant_helper():

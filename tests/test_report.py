@@ -117,6 +117,27 @@ def test_report_with_a_baseline_estimates_the_influence_share(run_dir, tmp_path)
   assert out["missing"] == []
 
 
+def test_a_baseline_that_is_absent_or_of_another_experiment_is_refused(run_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="baseline .* is not a folder"):
+    report.write_report(run_dir, baseline=str(tmp_path / "absent"))
+  base = tmp_path / "other"
+  shutil.copytree(run_dir, base, ignore=shutil.ignore_patterns("checkpoints", "report"))
+  config = json.loads((base / "config.json").read_text())
+  config["data"]["noise"]["rate"] = 0.25 if config["data"]["noise"]["rate"] != 0.25 else 0.0
+  config["data"]["data_dir"] = "/elsewhere"  # where the files lie: not the experiment
+  (base / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"ran another experiment \(data\.noise\.rate: "):
+    report.write_report(run_dir, baseline=str(base), out_dir=str(tmp_path / "rep"))
+  assert not (tmp_path / "rep").exists()  # refused before writing anything
+  proc = subprocess.run(
+    [sys.executable, "-m", "kdaif_jax.report", run_dir, "--baseline", str(base)],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 2 and "ran another experiment" in proc.stderr
+
+
 def test_damaged_copy_still_reports_and_names_what_is_missing(run_dir, tmp_path):
   copy = tmp_path / "copy"
   shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("report"))

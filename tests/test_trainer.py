@@ -380,6 +380,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.weights", "softmax", "kdaif.weights"),
     ("kdaif.solver", "newton", "kdaif.solver"),
     ("kdaif.damping", -0.1, "kdaif.damping"),
+    ("kdaif.damping", 0.0, "kdaif.damping=0.0 is invalid; allowed: a number > 0"),
     ("kdaif.cg_iters", 0, "kdaif.cg_iters"),
     ("kdaif.score_memory", 1.0, "kdaif.score_memory"),  # β = 1 would never learn
     ("kdaif.joint.every", 0, "kdaif.joint.every"),

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from kdaif_jax.data.splits import Split, make_split, stratified_subset
+from kdaif_jax.logs import absl_quiet
 
 SPLIT_ID_OFFSET = {"train": 0, "test": 10**9}
 
@@ -218,12 +219,14 @@ def open_tfds_split(name: str, split: str, data_dir: str | None) -> Any:
   import tensorflow_datasets as tfds
 
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    with absl_quiet():  # tfds warns per variant folder before our one-line error
+      return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as err:
     # tfds reports a missing dataset as an unrelated-looking error (e.g.
     # "random access ... TFRECORD is not supported"), so diagnose here and
     # re-raise anything that is not a preparation problem unchanged.
-    diagnosis = _not_prepared_reason(name, data_dir)
+    with absl_quiet():
+      diagnosis = _not_prepared_reason(name, data_dir)
     if diagnosis is None:
       raise
     root, reason = diagnosis

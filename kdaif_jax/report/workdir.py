@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from kdaif_jax.report.render import num
 
@@ -176,6 +177,33 @@ class Files:
     except Exception as err:  # noqa: BLE001 - a truncated zip raises many kinds
       self.note("predictions.npz", f"unreadable ({type(err).__name__}: {err})", disabled)
       return None
+
+
+# What a plain-KD baseline must share with the run for its curves and accuracy to
+# compare: the data (splits, noise, seeds) and the student's architecture and schedule.
+_BASELINE_KEYS = ("data.", "student.model", "student.epochs", "teacher.model", "batch_size")
+
+
+def baseline_differences(config: dict | None, base_config: dict | None) -> list[str]:
+  """The options in which a baseline's config.json differs from the run's.
+
+  Args:
+    config, base_config: the two config.json dicts (None when unreadable: then
+      nothing can be compared and the report names the missing file instead).
+
+  Returns:
+    ``["data.noise.rate: 0.4 -> 0.0", ...]`` over the data options (except
+    ``data.data_dir``, where the files lie) and the student's model and schedule.
+  """
+  if not config or not base_config:
+    return []
+  run, base = (traverse_util.flatten_dict(c, sep=".") for c in (config, base_config))
+  keys = sorted(
+    k
+    for k in set(run) | set(base)
+    if k.startswith(_BASELINE_KEYS) and k != "data.data_dir" and run.get(k) != base.get(k)
+  )
+  return [f"{k}: {base.get(k)!r} -> {run.get(k)!r}" for k in keys]
 
 
 class Context:

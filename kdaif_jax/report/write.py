@@ -8,7 +8,7 @@ import os
 
 from kdaif_jax.report import cost, explain, sections
 from kdaif_jax.report.render import render_html, render_markdown
-from kdaif_jax.report.workdir import Context
+from kdaif_jax.report.workdir import Context, baseline_differences
 
 # In report order; each appends its blocks to the Context (the Missing list comes last).
 _SECTIONS = (
@@ -34,14 +34,24 @@ def write_report(workdir: str, baseline: str | None = None, out_dir: str | None 
     ECEs, detection metrics, compression ratio, FLOPs, influence share, ...).
 
   Raises:
-    FileNotFoundError: ``workdir`` is not a folder (anything missing inside it is
-      reported, not raised).
+    FileNotFoundError: ``workdir`` or ``baseline`` is not a folder (anything
+      missing inside them is reported, not raised).
+    ValueError: the baseline ran another experiment (its data, student or
+      schedule differ: ``baseline_differences``), so its numbers do not compare.
   """
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir {workdir!r} is not a folder")
+  for path, name in ((workdir, "workdir"), (baseline, "baseline")):
+    if path is not None and not os.path.isdir(path):
+      raise FileNotFoundError(f"{name} {path!r} is not a folder")
   out_dir = out_dir or os.path.join(workdir, "report")
-  os.makedirs(out_dir, exist_ok=True)
   c = Context(workdir, baseline, out_dir)
+  diff = baseline_differences(c.config, c.base_config)
+  if diff:
+    more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+    raise ValueError(
+      f"baseline {baseline!r} ran another experiment ({', '.join(diff[:3])}{more}); "
+      "allowed: a plain-KD run of the same data, student and schedule"
+    )
+  os.makedirs(out_dir, exist_ok=True)
   for section in _SECTIONS:
     try:
       section(c)
@@ -75,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     argv: the arguments (default ``sys.argv[1:]``).
 
   Returns:
-    0; prints the pages written and one line per missing file. A WORKDIR that is
-    not a folder exits with argparse's usage error (status 2).
+    0; prints the pages written and one line per missing file. A WORKDIR or
+    baseline that is not a folder, or a baseline of another experiment, exits
+    with argparse's usage error (status 2).
   """
   parser = argparse.ArgumentParser(
     prog="python -m kdaif_jax.report",
@@ -86,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--baseline", help="a plain-KD workdir to compare with")
   parser.add_argument("--out", help="output folder (default WORKDIR/report)")
   args = parser.parse_args(argv)
-  if not os.path.isdir(args.workdir):
-    parser.error(f"{args.workdir} is not a folder")
-  out = write_report(args.workdir, args.baseline, args.out)
+  try:
+    out = write_report(args.workdir, args.baseline, args.out)
+  except (FileNotFoundError, ValueError) as err:
+    parser.error(str(err))
   print(f"wrote {out['report_md']} and {out['report_html']} ({len(out['figures'])} figures)")
   for w in out["numbers"].get("warnings") or []:
     print(f"warning: {w}")

@@ -18,7 +18,7 @@ cross-entropy + (wd/2)‖θ‖². Retraining protocols (``kdaif_jax.lds`` for th
 Retraining is one ``jax.vmap`` over the subsets (the CNN on CPU: one subset at a
 time, see ``python_loop``); every ground truth (test losses [m, T]) is cached in
 bench/results/lds_cache/ by task, protocol, seed and a hash of the settings;
-``--tasks``, ``--wd``, ``--full-steps``, ``--iters``, ``--hessian`` and
+``--tasks``, ``--wd``, ``--full-steps``, ``--iters``, ``--curv-examples``, ``--hessian`` and
 ``--methods`` run variants (merged into the results file). The attributions are
 computed at the model trained on the whole training set by the same protocol
 (seed 0), by the library pipeline (``influence.solve_direction`` vmapped over
@@ -39,6 +39,8 @@ import argparse
 import hashlib
 import json
 import pathlib
+import shlex
+import sys
 import time
 
 import _common
@@ -65,6 +67,8 @@ DAMPINGS = (1e-4, 1e-3, 1e-2, 1e-1)
 # CG iterations (logistic regression's κ ≈ λ_max / wd needs ~100) and test examples
 # scored per task (a CNN solve costs a linearisation over 250 examples per test).
 ITERS = {"logreg": 100, "mlp": 30, "cnn_small": 20}
+# Training examples in the curvature C of a whole-network (not last-layer) solve.
+CURV_EXAMPLES = {"logreg": N_TRAIN, "mlp": N_TRAIN, "cnn_small": 250}
 TESTS = {"logreg": N_TEST, "mlp": N_TEST, "cnn_small": 100}
 
 
@@ -269,7 +273,7 @@ def influence_scores(task, params, data, method, args, apply=None):
   apply = apply or make_model(task)[1]
   scope, curvature, solver, damping, iters = method
   # The CNN's curvature on a sample of the training set, as the whole-set scorer does.
-  ncurv = 250 if task == "cnn_small" and scope != "head" else N_TRAIN
+  ncurv = CURV_EXAMPLES[task] if scope != "head" else N_TRAIN
   curv = influence.PerExampleLoss(
     lambda p: apply(p, x[:ncurv]), lambda o: losses.cross_entropy(o, y[:ncurv])
   )
@@ -408,7 +412,10 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   nt = min(TESTS[task], truth.shape[1])  # the LDS over the first nt test examples
   truth = truth[:, :nt]
   rec = {"retrain_seconds": round(seconds, 1), "num_test": nt, "methods": {}}
-  rec["settings"] = {**TASKS[task], "cg_iters": ITERS[task]}  # variants describe themselves
+  rec["settings"] = {  # variants describe themselves
+    **TASKS[task], "cg_iters": ITERS[task], "curvature_examples": CURV_EXAMPLES[task],
+    "subsets": int(masks.shape[0]),
+  }  # fmt: skip
   if protocol == "seeded":
     nc, secs = seeded_ceiling(task, masks, data, args, nt)
     rec.update(
@@ -509,6 +516,22 @@ def run_detect(task, data, args) -> dict:
   return rec
 
 
+def merge_record(old: dict | None, new: dict, name: str, out: str) -> dict:
+  """``new`` with the methods of an earlier run into the same file kept.
+
+  Runs that differ only in their methods (another damping, another solver) add to
+  the record; a run with other settings (iterations, curvature examples, weight
+  decay, subsets) replaces it, with a line saying so.
+  """
+  if old is None:
+    return new
+  same = old.get("settings") == new["settings"] and old.get("num_test") == new["num_test"]
+  if not same:
+    print(f"  {name}: replacing the record in {out} made with other settings", flush=True)
+    return new
+  return {**old, **new, "methods": {**old.get("methods", {}), **new["methods"]}}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--quick", action="store_true", help="m = 10, 60 test examples, short training")
@@ -520,6 +543,12 @@ def main():
   ap.add_argument("--wd", type=float, default=None, help="override every task's weight decay")
   ap.add_argument("--full-steps", type=int, default=None, help="override the full-batch steps")
   ap.add_argument("--iters", type=int, default=None, help="override the CG iterations")
+  ap.add_argument(
+    "--curv-examples",
+    type=int,
+    default=None,
+    help=f"training examples in C of the CNN's whole-network solves (default 250; max {N_TRAIN})",
+  )
   ap.add_argument(
     "--dampings",
     type=lambda v: tuple(float(x) for x in v.split(",")),
@@ -553,6 +582,10 @@ def main():
     cfg["wd"] = args.wd or cfg["wd"]
     cfg["full"] = (cfg["full"][0], args.full_steps or cfg["full"][1], None)
   ITERS.update({t: args.iters or i for t, i in ITERS.items()})
+  if args.curv_examples is not None:
+    if not 1 <= args.curv_examples <= N_TRAIN:
+      ap.error(f"--curv-examples must be in 1..{N_TRAIN}, got {args.curv_examples}")
+    CURV_EXAMPLES["cnn_small"] = args.curv_examples
   m = args.subsets or (10 if args.quick else 50)
   train, test, val = load_data()
   if args.quick:
@@ -560,17 +593,22 @@ def main():
   data = (train, test, val)
   masks = lds.sample_masks(jax.random.key(1234), m, N_TRAIN, 0.5)
   settings = dict(subsets=m, fraction=0.5, num_train=N_TRAIN, num_test=int(test[1].shape[0]))
-  settings.update(tasks=TASKS, cg_iters=ITERS, quick=args.quick)
+  settings.update(tasks=TASKS, cg_iters=ITERS, curvature_examples=CURV_EXAMPLES, quick=args.quick)
   payload = {"environment": _common.environment(), "settings": settings, "lds": {}, "detect": {}}
   args.out = args.out or str(_common.RESULTS_DIR / ("lds_quick.json" if args.quick else "lds.json"))
+  commands = []
   if pathlib.Path(args.out).exists():  # keep the other tasks' records of an earlier run
     old = json.loads(pathlib.Path(args.out).read_text())
     payload["lds"], payload["detect"] = old.get("lds", {}), old.get("detect", {})
+    commands = old.get("commands", [])
+  payload["commands"] = [*commands, shlex.join(["python", *sys.argv])]  # each run into the file
   for task in args.tasks.split(","):
     for protocol in args.protocols.split(","):
       if task == "cnn_small" and protocol == "full" and not (args.quick or args.cnn_full):
         continue  # 200 full-batch CNN steps x 50 subsets: see BENCHMARKS.md
-      payload["lds"].setdefault(task, {})[protocol] = run_lds(task, protocol, data, masks, args)
+      new = run_lds(task, protocol, data, masks, args)
+      records = payload["lds"].setdefault(task, {})
+      records[protocol] = merge_record(records.get(protocol), new, f"{task}/{protocol}", args.out)
       _common.write_json(args.out, payload)
     if not args.no_detect:
       payload["detect"][task] = run_detect(task, data, args)

@@ -525,7 +525,8 @@ def merge_record(old: dict | None, new: dict, name: str, out: str) -> dict:
   """
   if old is None:
     return new
-  same = old.get("settings") == new["settings"] and old.get("num_test") == new["num_test"]
+  as_read = json.loads(json.dumps(new["settings"]))  # tuples come back from JSON as lists
+  same = old.get("settings") == as_read and old.get("num_test") == new["num_test"]
   if not same:
     print(f"  {name}: replacing the record in {out} made with other settings", flush=True)
     return new

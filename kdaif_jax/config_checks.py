@@ -72,11 +72,17 @@ def _number(
     _fail(option, value, f"{kind} {bound}")
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
+def validate(cfg: ml_collections.ConfigDict, paths: bool = False) -> None:
   """Checks names and ranges of every option the trainer reads.
+
+  Args:
+    cfg: the experiment config.
+    paths: also check that the files it names exist (``teacher.init``), as the
+      trainer does; off for configs built only to read results back.
 
   Raises:
     ValueError: one line naming the option, its value and what is allowed.
+    FileNotFoundError: with ``paths``, a ``teacher.init`` without checkpoints.
   """
   data.validate_config(cfg.data)
   text = cfg.data.name in data.glue.TEXT_DATASETS
@@ -93,7 +99,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     _number(cfg, f"{net}.optimizer.warmup_epochs", 0)
     _number(cfg, f"{net}.optimizer.clip_norm", 0)
   _number(cfg, "teacher.epochs", 0 if cfg.teacher.init else 1, integer=True)
-  if cfg.teacher.init:  # before the data loads, not 20 s into the run
+  if paths and cfg.teacher.init:  # before the data loads, not 20 s into the run
     checkpoint_files.init_folder(cfg.teacher.init)
   _number(cfg, "student.epochs", 1, integer=True)
   _number(cfg, "batch_size", 1, integer=True)
@@ -145,9 +151,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       "teacher",
       "none when data.num_labelled > 0 (the memory belongs to the supervised online step)",
     )
-  # A batch's curvature has rank <= B·K, below the parameter count: without damping
-  # the solve has no answer (CG grows without bound). Unused by the identity solver.
-  _number(cfg, f"{k}.damping", 0, lo_open=cfg.kdaif.solver != "identity")
+  # A whole network's batch curvature has rank <= B·K, far below its parameter count:
+  # without damping the solve has no answer (CG grows without bound). The classifier
+  # layer's null space (softmax shifts) is orthogonal to g_V, so 0 is allowed there.
+  whole = cfg.kdaif.scope == "all" and cfg.kdaif.solver != "identity"
+  _number(cfg, f"{k}.damping", 0, lo_open=whole)
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)
   _number(cfg, f"{k}.refresh_every", 1, integer=True)

@@ -1,9 +1,9 @@
 """The divergence guard of the training loop.
 
 A run stops at the first step whose loss, influence or weights are not finite,
-or whose influence solve reports ``diverged`` (e.g. LiSSA with too small a
-scale), with a one-line error naming the phase, the step, the checkpoint kept
-and the option to change.
+or whose influence solve reports ``diverged`` (LiSSA with too small a scale,
+CG blown up on a (near-)singular or indefinite curvature), with a one-line
+error naming the phase, the step, the checkpoint kept and the option to change.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def divergence(values: dict) -> str | None:
 
 def _divergence_hint(cfg, phase: str, what: str) -> str:
   if _is_flag(what.split("=")[0]):
-    return f"raise config.kdaif.lissa_scale ({cfg.kdaif.lissa_scale:g}) or use kdaif.solver=cg"
+    k = cfg.kdaif
+    if k.solver == "lissa":
+      return f"raise config.kdaif.lissa_scale ({k.lissa_scale:g}) or use kdaif.solver=cg"
+    hint = f"raise config.kdaif.damping ({k.damping:g})"  # CG blew up: a (near-)singular C
+    return hint + (" or use kdaif.curvature=ggn" if k.curvature == "hessian" else "")
   if what.startswith("teacher_loss") and phase != "teacher":  # the joint teacher's update
     return f"lower config.kdaif.joint.lr ({cfg.kdaif.joint.lr:g})"
   net = "teacher" if phase == "teacher" else "student"

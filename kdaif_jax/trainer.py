@@ -363,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup_logging()
   t_start = time.time()
   cfg = config
-  config_lib.validate(cfg)
+  config_lib.validate(cfg, paths=True)
   parallel.maybe_initialize_distributed(cfg.multihost, cfg.distributed)
   mesh = parallel.make_mesh(cfg.num_devices or None)
   parallel.check_batch_size(cfg.batch_size, mesh)

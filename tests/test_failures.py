@@ -166,6 +166,29 @@ def test_divergence_guard_watches_loss_influence_weights_and_diverged_flags(valu
   assert divergence.divergence(values) == expected
 
 
+@pytest.mark.parametrize(
+  "solver,curvature,hint",
+  [
+    ("lissa", "ggn", "raise config.kdaif.lissa_scale (10) or use kdaif.solver=cg"),
+    ("cg", "hessian", "raise config.kdaif.damping (0.1) or use kdaif.curvature=ggn"),
+    ("cg", "ggn", "raise config.kdaif.damping (0.1)"),
+  ],
+)
+def test_a_diverged_solve_names_the_option_of_its_solver(solver, curvature, hint):
+  cfg = load_config("default")
+  cfg.kdaif.solver, cfg.kdaif.curvature = solver, curvature
+
+  class _NoCheckpoint:
+    def wait(self):
+      pass
+
+    def latest_step(self):
+      return None
+
+  err = divergence.diverged_error(cfg, "student", 7, "solve_diverged=True", _NoCheckpoint())
+  assert str(err).endswith(hint), str(err)
+
+
 def test_collapse_is_warned_in_the_log_the_summary_and_the_report(tmp_path):
   # lr 10 WITH clipping runs to the end at 10% accuracy (one class for everything):
   # finite, so no divergence, but the run must not read like a result.

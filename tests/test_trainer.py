@@ -380,7 +380,6 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.weights", "softmax", "kdaif.weights"),
     ("kdaif.solver", "newton", "kdaif.solver"),
     ("kdaif.damping", -0.1, "kdaif.damping"),
-    ("kdaif.damping", 0.0, "kdaif.damping=0.0 is invalid; allowed: a number > 0"),
     ("kdaif.cg_iters", 0, "kdaif.cg_iters"),
     ("kdaif.score_memory", 1.0, "kdaif.score_memory"),  # β = 1 would never learn
     ("kdaif.joint.every", 0, "kdaif.joint.every"),
@@ -405,6 +404,19 @@ def test_bad_config_names_the_option(option, value, match):
     config_lib.validate(cfg)
   assert "\n" not in str(e.value)
   assert "allowed" in str(e.value)
+
+
+def test_zero_damping_is_refused_for_the_whole_network_only():
+  # The whole network's batch curvature is singular (rank <= B·K << P); the
+  # classifier layer's null space (softmax shifts) is orthogonal to g_V.
+  cfg = load_config("default", None)
+  cfg.kdaif.damping = 0.0
+  config_lib.validate(cfg)  # scope=head, the default
+  cfg.kdaif.scope = "all"
+  with pytest.raises(ValueError, match=r"kdaif\.damping=0\.0 is invalid; allowed: a number > 0"):
+    config_lib.validate(cfg)
+  cfg.kdaif.solver = "identity"  # which ignores it
+  config_lib.validate(cfg)
 
 
 def _run_main(args, workdir, **kw):

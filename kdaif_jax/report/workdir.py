@@ -181,7 +181,8 @@ class Files:
 
 # What a plain-KD baseline must share with the run for its curves and accuracy to
 # compare: the data (splits, noise, seeds) and the student's architecture and schedule.
-_BASELINE_KEYS = ("data.", "student.model", "student.epochs", "teacher.model", "batch_size")
+# (A batch size of its own only makes the cost section's share unknown.)
+_BASELINE_KEYS = ("data.", "student.model", "student.epochs", "teacher.model")
 
 
 def baseline_differences(config: dict | None, base_config: dict | None) -> list[str]:
@@ -193,17 +194,18 @@ def baseline_differences(config: dict | None, base_config: dict | None) -> list[
 
   Returns:
     ``["data.noise.rate: 0.4 -> 0.0", ...]`` over the data options (except
-    ``data.data_dir``, where the files lie) and the student's model and schedule.
+    ``data.data_dir``, where the files lie) and the networks and the student's
+    schedule; an option only one of them has (a library version apart) is skipped.
   """
   if not config or not base_config:
     return []
   run, base = (traverse_util.flatten_dict(c, sep=".") for c in (config, base_config))
   keys = sorted(
     k
-    for k in set(run) | set(base)
-    if k.startswith(_BASELINE_KEYS) and k != "data.data_dir" and run.get(k) != base.get(k)
+    for k in set(run) & set(base)
+    if k.startswith(_BASELINE_KEYS) and k != "data.data_dir" and run[k] != base[k]
   )
-  return [f"{k}: {base.get(k)!r} -> {run.get(k)!r}" for k in keys]
+  return [f"{k}: {base[k]!r} -> {run[k]!r}" for k in keys]
 
 
 class Context:

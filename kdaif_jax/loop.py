@@ -10,6 +10,7 @@ augmented views for the GLOBAL batch, and call the per-device step under
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import zlib
 from typing import Any
@@ -325,7 +326,8 @@ def run_phase(
     if step % cfg.log_every_steps == 0 or step == total:
       m = {k: float(v) for k, v in jax.device_get(metrics).items()}
       run.writer.write({"kind": "train", "phase": phase, "step": step, "epoch": epoch, **m})
-      progress.update(step, {"loss": m["loss"], "batch_acc": m["accuracy"]})
+      shown = {"loss": m["loss"], "batch_acc": m["accuracy"]}  # NaN: a regression task
+      progress.update(step, {k: v for k, v in shown.items() if math.isfinite(v)})
       what = divergence(watched(m))
       if what is not None:
         raise diverged_error(run.cfg, phase, step, what, ckpt)

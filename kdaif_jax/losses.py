@@ -244,7 +244,10 @@ def regression_kd_loss(
 
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """[B] float 1.0 where argmax(logits) == label, else 0.0."""
+  """[B] float 1.0 where argmax(logits) == label, else 0.0; NaN for a regression
+  task (``is_regression``: STS-B's real-valued scores have no accuracy)."""
+  if is_regression(logits, labels):
+    return jnp.full(np.shape(labels), jnp.nan, jnp.float32)
   return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
 
 

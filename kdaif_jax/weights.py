@@ -189,8 +189,10 @@ def sigmoid(
 ) -> jax.Array:
   """w_i = 2σ(−I_i / (τ·std_B(I) + ε)), divided by its batch mean.
 
-  Helpful examples (I_i < 0) get weights above 1, harmful ones below. The
-  factor 2 cancels in the normalisation; the division happens in log space
+  Before the normalisation helpful examples (I_i < 0) get 2σ > 1 and harmful ones
+  2σ < 1; after it the weights above 1 go to the examples more helpful than the
+  batch's average (in a batch of mostly helpful ones, a mildly helpful example can
+  land below 1). The factor 2 cancels in the normalisation; the division happens in log space
   (log σ), so a batch where every σ underflows still gets finite weights.
   Non-finite scores get weight 0 and are left out of std and mean (see the
   module docstring).

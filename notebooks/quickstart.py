@@ -22,8 +22,9 @@
 # **KD-AIF** (Wu et al., *Statistics* 2025) distils a large *teacher* network into a small
 # *student* and weights every training example by its **influence** on a held-out validation
 # loss (Koh & Liang, ICML 2017): $I_i = -\nabla\ell_i^\top (C + \lambda I)^{-1}\nabla L_V$.
-# Examples that would raise the validation loss ($I_i > 0$, e.g. wrong labels) get weights below
-# 1, helpful ones above 1, recomputed at every step (`online`) in one jitted JAX function.
+# Examples that would raise the validation loss ($I_i > 0$, e.g. wrong labels) get small
+# weights, the most helpful ones large (mean 1 per batch), recomputed at every step (`online`)
+# in one jitted JAX function.
 #
 # This notebook trains KD-AIF and plain KD on scikit-learn's digits with 40% of the training
 # labels flipped, compares them, writes the run's report and lists the most harmful examples.

@@ -129,7 +129,7 @@ def test_glue_smoke_runs(mock_glue, tmp_path, task, metric):
   """MiniLM teacher (pre-trained, fine-tuned) -> 1-layer student with KD-AIF online."""
   cfg = glue_config(f"{task}_smoke")
   assert (cfg.teacher.model, cfg.student.model) == ("bert_minilm", "bert_minilm_l1")
-  cfg.report = task == "mrpc"  # the report's table of sentences, once
+  cfg.report = task in ("mrpc", "stsb")  # the report's table of sentences and task metrics
   with mock_glue():
     summary = trainer.train_and_evaluate(cfg, str(tmp_path))
   assert (
@@ -144,6 +144,9 @@ def test_glue_smoke_runs(mock_glue, tmp_path, task, metric):
   lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   student = [r for r in lines if r["kind"] == "train" and r["phase"] == "student"]
   assert np.isfinite(student[-1]["loss"]) and "cg_residual" in student[-1]
+  # a regression task has no training accuracy (NaN, which metrics.jsonl writes as
+  # "nan"; not the argmax over one output, which read 0)
+  assert all((r["accuracy"] == "nan") == (task == "stsb") for r in student)
   # Every evaluation logs the task's official metric; stsb has no accuracy.
   evals = [r for r in lines if r["kind"] == "eval" and r["phase"] == "student"]
   assert evals and all(metric in r for r in evals)
@@ -154,6 +157,14 @@ def test_glue_smoke_runs(mock_glue, tmp_path, task, metric):
   if cfg.report:
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| group | id | text |" in report and " [SEP] " in report
+    header = next(
+      ln for ln in report.splitlines() if ln.startswith("| network | ") and "val" not in ln
+    )
+    assert "official metrics" in report and f" {metric} |" in header
+    if task == "stsb":  # the sentences' labels are the real-valued scores, not int()
+      table = [ln for ln in report.splitlines() if ln.startswith(("| helpful |", "| harmful |"))]
+      labels = [float(ln.split("|")[4]) for ln in table]
+      assert table and any(v != round(v) for v in labels), table[:3]
 
 
 def test_batches_run_at_their_own_length_bucket(mock_glue, tmp_path, monkeypatch):

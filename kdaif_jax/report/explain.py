@@ -212,12 +212,13 @@ def _text_table(c: Context, w: dict, score: np.ndarray, name: str, picks: dict) 
     + ", ".join(f"{int(w['noisy'][i].sum())} of the {len(i)} most {k}" for k, i in picks.items())
     + f" ({pct(w['noisy'].mean())} of all).",
   )
+  regression = np.issubdtype(w["label"].dtype, np.floating)  # STS-B's scores
   rows = [
     [
       k,
       int(w["id"][i]),
       str(w["text"][i])[:160].replace("|", "/"),
-      int(w["label"][i]),
+      fmt(w["label"][i], ".3g") if regression else int(w["label"][i]),
       "yes" if w["noisy"][i] else "",
       fmt(w["weight"][i]),
       fmt(score[i], ".3g"),

@@ -143,6 +143,12 @@ def overview(c: Context) -> None:
     c.numbers["student_test_gain_vs_baseline"] = d
     rows.append(["difference (points)", "", "", "", fmt(100 * d, "+.2f")])
   c.add("table", ["network", "architecture", "parameters", "val accuracy", "test accuracy"], rows)
+  tm = s.get("task_metrics") or {}  # GLUE: the task's official metrics (STS-B: no accuracy)
+  names = list(tm.get("student") or {})
+  if names:
+    c.add("p", "The task's official metrics on its test (dev) split:")
+    nets = [n for n in ("teacher", "student") if n in tm]
+    c.add("table", ["network", *names], [[n, *(fmt(tm[n].get(k)) for k in names)] for n in nets])
 
 
 def accuracy(c: Context) -> None:

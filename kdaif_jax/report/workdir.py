@@ -118,7 +118,7 @@ class Files:
     return records
 
   def weights(self, disabled: str) -> dict | None:
-    """weights.csv as {column: [N] array}; ids and labels int64, ``noisy`` bool.
+    """weights.csv as {column: [N] array}; ids and class labels int64, ``noisy`` bool.
 
     Columns id, label, clean_label, noisy, influence, weight (and final_influence
     when present; ``text``, strings, for text datasets); incomplete rows are
@@ -155,8 +155,9 @@ class Files:
       self.note("weights.csv", "no rows", disabled)
       return None
     out = {c: np.asarray(v, np.float64) for c, v in cols.items()}
-    for c in ("id", "label", "clean_label"):
-      out[c] = out[c].astype(np.int64)
+    for c in ("id", "label", "clean_label"):  # class ids; STS-B's scores stay real
+      if c == "id" or np.array_equal(out[c], np.round(out[c])):
+        out[c] = out[c].astype(np.int64)
     out["noisy"] = out["noisy"] > 0
     if texts:
       out["text"] = np.asarray(texts, object)

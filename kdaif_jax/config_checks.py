@@ -174,6 +174,8 @@ def validate(cfg: ml_collections.ConfigDict, paths: bool = False) -> None:
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   _number(cfg, f"{k}.joint.every", 1, integer=True)
+  if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
+    _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
   _choice(cfg, "ssl.targets", SSL_TARGETS)
   if cfg.ssl.targets == "fixmatch" and cfg.kdaif.mechanism != "none":
     _fail("ssl.targets", "fixmatch", "soft or hard with a KD-AIF mechanism (fixmatch: with none)")

@@ -133,16 +133,16 @@ def subset_indices(masks: jax.Array) -> jax.Array:
     int32 [m, k].
 
   Raises:
-    ValueError: ``masks`` not 2-D, or (when concrete) rows of different sizes.
+    ValueError: ``masks`` not 2-D, or rows of different sizes.
   """
   _check_matrix(masks, "masks")
-  counts = np.asarray(jnp.sum(masks, axis=1)) if not _checks.is_traced(masks) else None
-  if counts is not None and np.any(counts != counts[0]):
+  counts = np.asarray(jnp.sum(masks, axis=1))  # k must be concrete: masks are too
+  if np.any(counts != counts[0]):
     raise ValueError(
       f"masks must hold the same number of True entries in every row, got "
       f"{int(counts.min())} to {int(counts.max())}"
     )
-  k = int(jnp.sum(masks[0]))
+  k = int(counts[0])
   order = jnp.argsort(~masks, axis=1, stable=True)  # True entries first, in index order
   return order[:, :k].astype(jnp.int32)
 

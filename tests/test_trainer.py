@@ -417,6 +417,9 @@ def test_zero_damping_is_refused_for_the_whole_network_only():
     config_lib.validate(cfg)
   cfg.kdaif.solver = "identity"  # which ignores it
   config_lib.validate(cfg)
+  cfg.kdaif.scope, cfg.kdaif.solver, cfg.kdaif.curvature = "head", "lissa", "hessian"
+  with pytest.raises(ValueError, match=r"> 0 with solver=lissa on the \(indefinite\) hessian"):
+    config_lib.validate(cfg)
 
 
 def _run_main(args, workdir, **kw):

@@ -370,11 +370,13 @@ def methods_for(
 ):
   """(label, (scope, curvature, solver, damping, iterations)) of the methods compared.
 
-  ``dampings`` replaces the task's GN-CG damping sweep when given. The trajectory
+  ``dampings`` replaces the task's GN-CG damping sweep (and the last layer's 1e-3, 1e-2)
+  when given. The trajectory
   methods are ("trajectory", K, first, inner method) with ``checkpoints`` = (K, first).
   """
   it = 10 if quick else ITERS[task]
   default = {"logreg": DAMPINGS, "mlp": DAMPINGS[1:], "cnn_small": (1e-3, 1e-2)}[task]
+  head_dampings = dampings or (1e-3, 1e-2)  # the last layer follows an explicit --dampings
   dampings = dampings or default
   out = [(f"GN-CG λ={d:g}, {it} it.", ("all", "ggn", "cg", d, it)) for d in dampings]
   if task == "logreg" or hessian:  # λ = wd = 1e-3: logistic regression's exact Hessian
@@ -385,7 +387,7 @@ def methods_for(
   out.append(("identity (gradient dot)", ("all", "ggn", "identity", 0.0, 1)))
   if task != "logreg":  # logistic regression is all head
     out += [
-      (f"last layer GN-CG λ={d:g}, {it} it.", ("head", "ggn", "cg", d, it)) for d in (1e-3, 1e-2)
+      (f"last layer GN-CG λ={d:g}, {it} it.", ("head", "ggn", "cg", d, it)) for d in head_dampings
     ]
   if task != "logreg" and not quick:  # K-FAC's block structure, exact blocks (logreg: one)
     out += [
@@ -554,7 +556,8 @@ def main():
     "--dampings",
     type=lambda v: tuple(float(x) for x in v.split(",")),
     default=None,
-    help="GN-CG dampings to sweep, comma-separated (default: each task's)",
+    help="GN-CG dampings to sweep, comma-separated (default: each task's; the last layer's "
+    "1e-3,1e-2)",
   )
   ap.add_argument("--hessian", action="store_true", help="Hessian-CG on every task")
   ap.add_argument(
@@ -579,6 +582,8 @@ def main():
     help="also the LDS of each of K disjoint blocks of the m subsets (how m shifts it)",
   )
   args = ap.parse_args()
+  if args.methods and not all(part.strip() for part in args.methods.split(",")):
+    ap.error(f"--methods: {args.methods!r} has an empty entry (it would match every method)")
   for cfg in TASKS.values():  # variants (the cache is keyed by these settings)
     cfg["wd"] = args.wd or cfg["wd"]
     cfg["full"] = (cfg["full"][0], args.full_steps or cfg["full"][1], None)

@@ -353,7 +353,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 # Options added after workdirs were first written, with the value that keeps such a
 # workdir's experiment: a fingerprint without the option reads as this value. (The
 # influence maths' precision changes nothing on CPU, where those runs were made.)
-_ADDED_OPTIONS = {"kdaif.matmul_precision": "highest", "kdaif.whole_set.trajectory": 0}
+_ADDED_OPTIONS = {
+  "kdaif.matmul_precision": "highest",
+  "kdaif.whole_set.trajectory": 0,
+  "kdaif.whole_set.damping": None,
+}
 
 
 def check_experiment(workdir: str, fingerprint: dict, write: bool = True) -> None:

@@ -95,6 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
       joint=ml_collections.ConfigDict(dict(mu=1.0, lr=0.01, every=1)),
     )
   )
+  # The whole-set scorer's damping (static, periodic, the teacher memory, weights.csv's
+  # final / self / trajectory influence); None: kdaif.damping. A large one finds flipped
+  # labels best, one near the student's weight decay predicts retraining best (LDS):
+  # docs/method.md §4, BENCHMARKS.md §5.
+  c.kdaif.whole_set.damping = ml_collections.config_dict.placeholder(float)
   # Semi-supervised (active when data.num_labelled > 0), docs/method.md §5.
   c.ssl = ml_collections.ConfigDict(
     dict(
@@ -190,12 +195,19 @@ def step_options(
 _CG_CHUNK = 10
 
 
+def whole_set_damping(cfg: ml_collections.ConfigDict) -> float:
+  """The whole-set scorer's damping: ``kdaif.whole_set.damping``, else ``kdaif.damping``."""
+  k = cfg.kdaif
+  return float(k.damping if k.whole_set.damping is None else k.whole_set.damping)
+
+
 def scorer_options(cfg: ml_collections.ConfigDict) -> options.ScorerOptions:
   """The record the whole-set scorer takes (``kdaif.whole_set`` and the solver)."""
   k = cfg.kdaif
+  solver = _solver(k, min(k.whole_set.cg_iters, _CG_CHUNK))
   return options.ScorerOptions(
     kd=kd_options(cfg),
-    solver=_solver(k, min(k.whole_set.cg_iters, _CG_CHUNK)),
+    solver=solver._replace(damping=whole_set_damping(cfg)),
     total_iters=int(k.whole_set.cg_iters),
     curvature_size=int(k.whole_set.curvature_size),
     chunk_size=int(cfg.eval_batch_size),

@@ -292,11 +292,12 @@ def test_a_run_refused_for_its_data_or_teacher_init_does_not_claim_the_workdir(t
 
 
 def test_a_workdir_older_than_an_added_option_still_resumes(tmp_path):
-  # experiment.json written before kdaif.matmul_precision and kdaif.whole_set.trajectory
-  # existed: the same experiment.
+  # experiment.json written before kdaif.matmul_precision and kdaif.whole_set's
+  # trajectory and damping existed: the same experiment.
   fingerprint = trainer._fingerprint(load_config("default"))
   old = json.loads(json.dumps(fingerprint))
   del old["kdaif"]["matmul_precision"], old["kdaif"]["whole_set"]["trajectory"]
+  del old["kdaif"]["whole_set"]["damping"]
   (tmp_path / checkpoint.EXPERIMENT_FILE).write_text(json.dumps(old))
   checkpoint.check_experiment(str(tmp_path), fingerprint)
   fingerprint["kdaif"]["matmul_precision"] = "default"
@@ -305,6 +306,10 @@ def test_a_workdir_older_than_an_added_option_still_resumes(tmp_path):
   fingerprint["kdaif"]["matmul_precision"] = "highest"
   fingerprint["kdaif"]["whole_set"]["trajectory"] = 10
   with pytest.raises(checkpoint.CheckpointMismatchError, match="trajectory: 0 -> 10"):
+    checkpoint.check_experiment(str(tmp_path), fingerprint)
+  fingerprint["kdaif"]["whole_set"]["trajectory"] = 0
+  fingerprint["kdaif"]["whole_set"]["damping"] = 1e-3
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="damping: None -> 0.001"):
     checkpoint.check_experiment(str(tmp_path), fingerprint)
 
 

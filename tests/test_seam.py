@@ -480,3 +480,18 @@ def test_step_options_from_config():
   assert proxy.mechanism.name == "none" and proxy.mechanism.plain
   assert not any(getattr(proxy.mechanism, flag) for flag in FLAGS if flag != "plain")
   assert config.step_options(cfg).mechanism.proxy
+
+
+def test_whole_set_damping_reaches_the_scorer_only():
+  # kdaif.whole_set.damping (None: kdaif.damping) sets the whole-set scorer's damping
+  # and leaves the per-step solver's alone; it survives the smoke variant and a
+  # command-line style override of its placeholder.
+  cfg = config.smoke(config.base_config())
+  cfg.kdaif.damping = 0.25
+  assert cfg.kdaif.whole_set.damping is None
+  assert config.scorer_options(cfg).solver.damping == 0.25
+  cfg.kdaif.whole_set.damping = 1e-3
+  config.validate(cfg)
+  assert config.scorer_options(cfg).solver.damping == 1e-3
+  assert config.step_options(cfg).influence.solver.damping == 0.25
+  assert config.whole_set_damping(cfg) == 1e-3

@@ -155,16 +155,23 @@ def test_mechanisms_run_in_the_trainer(mechanism, tmp_path):
     )
 
 
-def test_trajectory_scoring_leaves_the_training_unchanged(tmp_path):
+def test_whole_set_options_leave_the_online_training_unchanged(tmp_path):
+  # The trajectory's extra scoring passes and the whole-set scorer's own damping change
+  # what weights.csv reports, never the online student's training.
   runs = {}
-  for k in (0, 2):
+  for name, k, damping in (("plain", 0, None), ("trajectory", 2, None), ("damping", 0, 1e-3)):
     cfg = tiny(load_config("digits_noisy"), "online")
-    cfg.kdaif.whole_set.trajectory = k
-    trainer.train_and_evaluate(cfg, str(tmp_path / str(k)))
-    runs[k] = read_csv(tmp_path / str(k) / "weights.csv")
-  assert "trajectory_influence" in runs[2][0] and "trajectory_influence" not in runs[0][0]
-  for a, b in zip(runs[0], runs[2]):
+    cfg.kdaif.whole_set.trajectory, cfg.kdaif.whole_set.damping = k, damping
+    trainer.train_and_evaluate(cfg, str(tmp_path / name))
+    runs[name] = read_csv(tmp_path / name / "weights.csv")
+  plain, traj, damped = runs["plain"], runs["trajectory"], runs["damping"]
+  assert "trajectory_influence" in traj[0] and "trajectory_influence" not in plain[0]
+  for a, b in zip(plain, traj):
     assert {c: a[c] for c in a} == {c: b[c] for c in a}  # every other column, to the digit
+  for c in ("id", "weight", "influence"):
+    assert [r[c] for r in plain] == [r[c] for r in damped], c
+  final = [np.array([float(r["final_influence"]) for r in run]) for run in (plain, damped)]
+  assert not np.allclose(*final, rtol=1e-2)
 
 
 def _spy_memory_init(monkeypatch):
@@ -387,6 +394,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     ("kdaif.matmul_precision", "tensorfloat32", "kdaif.matmul_precision"),
     ("kdaif.whole_set.trajectory", 1, "kdaif.whole_set.trajectory"),  # final_influence again
     ("kdaif.whole_set.trajectory", -1, "kdaif.whole_set.trajectory"),
+    ("kdaif.whole_set.damping", -1e-3, "kdaif.whole_set.damping"),
     ("kd.alpha", 1.5, "kd.alpha"),
     ("kd.temperature", 0.0, "kd.temperature"),
     ("student.optimizer.lr", 0.0, "student.optimizer.lr"),
@@ -419,6 +427,15 @@ def test_zero_damping_is_refused_for_the_whole_network_only():
   config_lib.validate(cfg)
   cfg.kdaif.scope, cfg.kdaif.solver, cfg.kdaif.curvature = "head", "lissa", "hessian"
   with pytest.raises(ValueError, match=r"> 0 with solver=lissa on the \(indefinite\) hessian"):
+    config_lib.validate(cfg)
+  # The whole-set scorer's own damping, by the same rules.
+  cfg.kdaif.damping, cfg.kdaif.whole_set.damping = 0.1, 0.0
+  with pytest.raises(ValueError, match=r"kdaif\.whole_set\.damping=0\.0 .*solver=lissa"):
+    config_lib.validate(cfg)
+  cfg.kdaif.solver, cfg.kdaif.curvature = "cg", "ggn"
+  config_lib.validate(cfg)  # scope=head
+  cfg.kdaif.scope = "all"
+  with pytest.raises(ValueError, match=r"kdaif\.whole_set\.damping=0\.0 is invalid; allowed: a "):
     config_lib.validate(cfg)
 
 

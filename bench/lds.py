@@ -366,17 +366,23 @@ def trajectory_scores(task, protocol, seed, data, method, args):
 
 
 def methods_for(
-  task, quick, hessian=False, dampings=None, array_blocks=False, checkpoints=TRAJECTORY
+  task,
+  quick,
+  hessian=False,
+  dampings=None,
+  array_blocks=False,
+  checkpoints=TRAJECTORY,
+  head_dampings=None,
 ):
   """(label, (scope, curvature, solver, damping, iterations)) of the methods compared.
 
-  ``dampings`` replaces the task's GN-CG damping sweep (and the last layer's 1e-3, 1e-2)
-  when given. The trajectory
+  ``dampings`` replaces the task's GN-CG damping sweep when given, ``head_dampings``
+  the last layer's (1e-3, 1e-2). The trajectory
   methods are ("trajectory", K, first, inner method) with ``checkpoints`` = (K, first).
   """
   it = 10 if quick else ITERS[task]
   default = {"logreg": DAMPINGS, "mlp": DAMPINGS[1:], "cnn_small": (1e-3, 1e-2)}[task]
-  head_dampings = dampings or (1e-3, 1e-2)  # the last layer follows an explicit --dampings
+  head_dampings = head_dampings or (1e-3, 1e-2)
   dampings = dampings or default
   out = [(f"GN-CG λ={d:g}, {it} it.", ("all", "ggn", "cg", d, it)) for d in dampings]
   if task == "logreg" or hessian:  # λ = wd = 1e-3: logistic regression's exact Hessian
@@ -433,10 +439,15 @@ def run_lds(task, protocol, data, masks, args) -> dict:
   rec["whole_model_test_accuracy"] = float(jnp.mean(jnp.argmax(apply(whole, xt), -1) == yt))
   array_blocks = "array blocks" in args.methods
   checkpoints = (args.checkpoints, args.first_checkpoint)
-  for label, method in methods_for(
-    task, args.quick, args.hessian, args.dampings, array_blocks, checkpoints
-  ):
-    if args.methods and not any(part in label for part in args.methods.split(",")):
+  listed = methods_for(
+    task, args.quick, args.hessian, args.dampings, array_blocks, checkpoints, args.head_dampings
+  )
+  parts = args.methods.split(",") if args.methods else []
+  for part in parts:  # matched as written, spaces included (labels hold ", ")
+    if not any(part in label for label, _ in listed):
+      print(f"  {task}/{protocol}: --methods entry {part!r} matches no method", flush=True)
+  for label, method in listed:
+    if parts and not any(part in label for part in parts):
       continue
     each = None
     if method[0] == "trajectory":
@@ -556,8 +567,13 @@ def main():
     "--dampings",
     type=lambda v: tuple(float(x) for x in v.split(",")),
     default=None,
-    help="GN-CG dampings to sweep, comma-separated (default: each task's; the last layer's "
-    "1e-3,1e-2)",
+    help="GN-CG dampings to sweep, comma-separated (default: each task's)",
+  )
+  ap.add_argument(
+    "--head-dampings",
+    type=lambda v: tuple(float(x) for x in v.split(",")),
+    default=None,
+    help="the last layer's GN-CG dampings, comma-separated (default 1e-3,1e-2)",
   )
   ap.add_argument("--hessian", action="store_true", help="Hessian-CG on every task")
   ap.add_argument(

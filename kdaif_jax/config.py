@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The whole-set scorer's damping (static, periodic, the teacher memory, weights.csv's
   # final / self / trajectory influence); None: kdaif.damping. A large one finds flipped
   # labels best, one near the student's weight decay predicts retraining best (LDS):
-  # docs/method.md §4, BENCHMARKS.md §5.
+  # docs/method.md §1 "Whole-training-set influence", BENCHMARKS.md §5.
   c.kdaif.whole_set.damping = ml_collections.config_dict.placeholder(float)
   # Semi-supervised (active when data.num_labelled > 0), docs/method.md §5.
   c.ssl = ml_collections.ConfigDict(

@@ -156,8 +156,10 @@ def validate(cfg: ml_collections.ConfigDict, paths: bool = False) -> None:
   # layer's null space (softmax shifts) is orthogonal to g_V, so 0 is allowed there.
   whole = cfg.kdaif.scope == "all" and cfg.kdaif.solver != "identity"
   _number(cfg, f"{k}.damping", 0, lo_open=whole)
-  if cfg.kdaif.whole_set.damping is not None:  # None: the whole-set scorer takes kdaif.damping
-    _number(cfg, f"{k}.whole_set.damping", 0, lo_open=whole)
+  # None: the whole-set scorer takes kdaif.damping. Set, it must be > 0 in every scope:
+  # the scorer's self-influence factors C + λI, singular at 0 in the classifier layer too.
+  if cfg.kdaif.whole_set.damping is not None:
+    _number(cfg, f"{k}.whole_set.damping", 0, lo_open=True)
   _number(cfg, f"{k}.cg_iters", 1, integer=True)
   _number(cfg, f"{k}.cg_tol", 0)
   _number(cfg, f"{k}.refresh_every", 1, integer=True)
@@ -176,10 +178,8 @@ def validate(cfg: ml_collections.ConfigDict, paths: bool = False) -> None:
   _number(cfg, f"{k}.joint.mu", 0)
   _number(cfg, f"{k}.joint.lr", 0, lo_open=True)
   _number(cfg, f"{k}.joint.every", 1, integer=True)
-  if cfg.kdaif.solver == "lissa" and cfg.kdaif.curvature == "hessian":
-    for option in ("damping", "whole_set.damping"):
-      if _get(cfg, f"{k}.{option}") == 0:
-        _fail(f"{k}.{option}", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
+  if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
+    _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
   _choice(cfg, "ssl.targets", SSL_TARGETS)
   if cfg.ssl.targets == "fixmatch" and cfg.kdaif.mechanism != "none":
     _fail("ssl.targets", "fixmatch", "soft or hard with a KD-AIF mechanism (fixmatch: with none)")

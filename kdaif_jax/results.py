@@ -247,12 +247,21 @@ def _self_influence(run: loop.Run, state, scorer, missing: np.ndarray) -> np.nda
   if self_fn is None:
     return missing
   try:
-    return self_fn(state, loop.scored_arrays(run), run_key(run.cfg.seed, RunStream.FINAL_SCORING))
+    out = self_fn(state, loop.scored_arrays(run), run_key(run.cfg.seed, RunStream.FINAL_SCORING))
   except ValueError as e:
     if "max_params" not in str(e):
       raise
     log.warning("self_influence column left empty (NaN): %s", e)
     return missing
+  bad = int(np.sum(~np.isfinite(out)))
+  if bad:  # e.g. kdaif.damping = 0: C + λI is singular even in the classifier layer
+    log.warning(
+      "self_influence: %d of %d values are not finite (a singular or ill-conditioned "
+      "C + λI); set kdaif.whole_set.damping > 0",
+      bad,
+      len(out),
+    )
+  return out
 
 
 def _trajectory(run: loop.Run, epochs: tuple[int, ...], final_scores) -> tuple[np.ndarray, dict]:

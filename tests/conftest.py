@@ -6,6 +6,7 @@ run, the same step in a resumed run), and on 2 CPU cores compilation is most of
 the suite's time. It changes no result, only how often XLA compiles.
 """
 
+import logging
 import os
 import tempfile
 
@@ -26,3 +27,18 @@ def eight_cpu_env() -> dict:
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
     "JAX_PLATFORMS": "cpu",
   }
+
+
+@pytest.fixture
+def kdaif_log(caplog):
+  """``caplog`` with its handler on the ``kdaif_jax`` logger itself: the trainer's
+  ``setup_logging`` stops that logger's propagation, and the first run in a process
+  (which imports absl) may change the root logger's handlers, so a handler on the root
+  alone misses warnings depending on test order."""
+  logger = logging.getLogger("kdaif_jax")
+  logger.addHandler(caplog.handler)
+  caplog.handler.setLevel(logging.WARNING)
+  try:
+    yield caplog
+  finally:
+    logger.removeHandler(caplog.handler)

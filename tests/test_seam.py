@@ -484,8 +484,7 @@ def test_step_options_from_config():
 
 def test_whole_set_damping_reaches_the_scorer_only():
   # kdaif.whole_set.damping (None: kdaif.damping) sets the whole-set scorer's damping
-  # and leaves the per-step solver's alone; it survives the smoke variant and a
-  # command-line style override of its placeholder.
+  # and leaves the per-step solver's alone; its placeholder survives the smoke variant.
   cfg = config.smoke(config.base_config())
   cfg.kdaif.damping = 0.25
   assert cfg.kdaif.whole_set.damping is None

@@ -105,7 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     dict(
       unlabelled_ratio=7,  # unlabelled batch = ratio x labelled batch (UDA/MPL use 7)
       # The student learns the teacher's soft targets, or its "hard" pseudo-labels;
-      # "fixmatch": its own confident weak-view predictions (the baseline arm).
+      # "fixmatch": its own confident weak-view predictions (the baseline arm); "labels":
+      # the hidden true labels (a reference: every example labelled; mechanism none).
       targets="soft",
       fixmatch_threshold=0.95,  # FixMatch's confidence threshold τ
       unlabelled_weight=1.0,  # λ_u; 0 trains the student on labelled data only

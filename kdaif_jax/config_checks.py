@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16")
 PROGRESS = ("auto", "bar", "log", "none")
 MEMORY_INITS = ("none", "teacher")
 SSL_MECHANISMS = ("none", "online", "joint", "oracle")
-SSL_TARGETS = ("soft", "hard", "fixmatch")
+SSL_TARGETS = ("soft", "hard", "fixmatch", "labels")
 
 
 def _fail(option: str, value: Any, allowed: str) -> None:
@@ -181,8 +181,14 @@ def validate(cfg: ml_collections.ConfigDict, paths: bool = False) -> None:
   if cfg.kdaif.solver == "lissa" and cfg.kdaif.damping == 0 and cfg.kdaif.curvature == "hessian":
     _fail(f"{k}.damping", 0.0, "> 0 with solver=lissa on the (indefinite) hessian")
   _choice(cfg, "ssl.targets", SSL_TARGETS)
-  if cfg.ssl.targets == "fixmatch" and cfg.kdaif.mechanism != "none":
-    _fail("ssl.targets", "fixmatch", "soft or hard with a KD-AIF mechanism (fixmatch: with none)")
+  if cfg.ssl.targets in ("fixmatch", "labels") and cfg.kdaif.mechanism != "none":
+    _fail(
+      "ssl.targets",
+      cfg.ssl.targets,
+      f"soft or hard with a KD-AIF mechanism ({cfg.ssl.targets}: with none)",
+    )
+  if cfg.ssl.targets == "labels" and cfg.data.num_labelled == 0:
+    _fail("ssl.targets", "labels", "soft, hard or fixmatch (labels needs data.num_labelled > 0)")
   _number(cfg, "ssl.fixmatch_threshold", 0, 1)
   _number(cfg, "ssl.unlabelled_ratio", 1, integer=True)
   _number(cfg, "ssl.unlabelled_weight", 0)

@@ -7,6 +7,8 @@ Teacher on weak views, student on strong views (UDA / Meta Pseudo Labels):
                  or CE(argmax T(weak u_j), S(strong u_j))                     (targets "hard")
                  or 1[max p_j ≥ c]·CE(argmax p_j, S(strong u_j)),
                     p_j = softmax(S(weak u_j)) (constant)                     ("fixmatch")
+                 or CE(y_j, S(strong u_j)), y_j the hidden true label         ("labels":
+                    a reference, every example labelled, not a method)
             w_j = KD-AIF weights of the unlabelled examples (none: 1; oracle:
                   1 where the teacher's pseudo-label is the hidden true label, else 0)
   teacher (joint only):
@@ -121,6 +123,7 @@ def make_ssl_step(
     out, t, targets=ssl.targets, temperature=opts.kd.temperature, threshold=ssl.fixmatch_threshold
   )
   fixmatch = ssl.targets == "fixmatch"
+  true_labels = ssl.targets == "labels"
 
   def step(state: TrainState, batch: dict, val: dict):
     xl, yl = prepare(batch["lab_images"]), batch["lab_labels"]
@@ -160,7 +163,11 @@ def make_ssl_step(
       logits, ms = student.apply(p, stu.model_state, jnp.concatenate(inputs), True)
       lab = jnp.mean(losses.cross_entropy(logits[:nl], yl))
       targets = jax.lax.stop_gradient(logits[nl + nu :]) if fixmatch else t_weak
-      unl_per = per_ex(logits[nl : nl + nu], targets)
+      if true_labels:
+        hidden = _hidden_labels(batch, "ssl.targets=labels")
+        unl_per = losses.cross_entropy(logits[nl : nl + nu], hidden)
+      else:
+        unl_per = per_ex(logits[nl : nl + nu], targets)
       unl = jnp.mean(w * unl_per) / denom
       return lab + ssl.unlabelled_weight * unl, (ms, (lab, unl_per, logits[:nl]))
 
@@ -199,13 +206,20 @@ def _oracle_weights(t_weak: jax.Array, batch: dict) -> jax.Array:
   A benchmark reference (what perfect detection of the teacher's wrong targets
   gives), not a method: it reads the labels that the split hides from training.
   """
-  if "unl_true_labels" not in batch:  # at trace time, before any compile
+  right = jnp.argmax(t_weak, axis=-1) == _hidden_labels(batch, "mechanism oracle")
+  return right.astype(jnp.float32)
+
+
+def _hidden_labels(batch: dict, who: str) -> jax.Array:
+  """The batch's hidden true labels of the unlabelled examples, [B], for the
+  references that read them (the oracle, ``ssl.targets=labels``); checked at trace
+  time, before any compile."""
+  if "unl_true_labels" not in batch:
     raise ValueError(
-      "mechanism oracle needs the batch's unl_true_labels (the hidden labels of the "
+      f"{who} needs the batch's unl_true_labels (the hidden labels of the "
       "unlabelled examples); the trainer's loop provides them"
     )
-  right = jnp.argmax(t_weak, axis=-1) == batch["unl_true_labels"]
-  return right.astype(jnp.float32)
+  return batch["unl_true_labels"]
 
 
 def _pseudo_label_accuracy(t_weak: jax.Array, batch: dict, axis_name: str | None) -> jax.Array:

@@ -173,6 +173,28 @@ def test_fixmatch_step_equals_the_fixmatch_loss_on_the_students_own_weak_views()
   _assert_same(new.student.params, again.student.params)
 
 
+def test_labels_reference_learns_the_hidden_labels_and_ignores_the_teacher():
+  # ssl.targets=labels (a reference arm): CE against the hidden true labels of the
+  # unlabelled examples, written out from the definition; the teacher takes no part.
+  state, batch, val, fn = _ssl_setup("none", targets="labels")
+  truth = jnp.array([2, 0, 1, 1, 0, 2, 2, 0])
+  new, metrics, _ = fn(state, {**batch, "unl_true_labels": truth}, val)
+  student = models.create("mlp", 3, hidden=8)
+  prepare = lambda im: im.astype(jnp.float32) / 255.0
+  xl, xs = prepare(batch["lab_images"]), prepare(batch["unl_strong"])
+  p = state.student.params
+  expect = jnp.mean(losses.cross_entropy(student.apply(p, {}, xl, True)[0], batch["lab_labels"]))
+  expect += jnp.mean(losses.cross_entropy(student.apply(p, {}, xs, True)[0], truth))
+  np.testing.assert_allclose(metrics["loss"], expect, rtol=1e-5)
+  other = state.replace(
+    teacher=state.teacher.replace(params=jax.tree.map(jnp.zeros_like, state.teacher.params))
+  )
+  again, _, _ = fn(other, {**batch, "unl_true_labels": truth}, val)
+  _assert_same(new.student.params, again.student.params)
+  with pytest.raises(ValueError, match="ssl.targets=labels needs the batch's unl_true_labels"):
+    fn(state, batch, val)
+
+
 @pytest.mark.parametrize(
   "option, value, refused, fix, fixed",
   [
@@ -197,6 +219,18 @@ def test_ssl_options_refused_until_their_requirement_is_set(option, value, refus
   section, key = fix.split(".")
   cfg[section][key] = fixed
   config_lib.validate(cfg)
+
+
+def test_labels_reference_is_refused_without_a_semi_supervised_split():
+  cfg = config_lib.base_config()
+  cfg.kdaif.mechanism, cfg.ssl.targets = "none", "labels"
+  with pytest.raises(ValueError, match=r"ssl.targets='labels'.*needs data.num_labelled > 0"):
+    config_lib.validate(cfg)
+  cfg.data.num_labelled = 100
+  config_lib.validate(cfg)
+  cfg.kdaif.mechanism = "online"  # a reference arm, not a method to weight
+  with pytest.raises(ValueError, match=r"ssl.targets='labels'.*\(labels: with none\)"):
+    config_lib.validate(cfg)
 
 
 def test_semi_supervised_oracle_is_refused_with_injected_noise():

@@ -563,15 +563,16 @@ def main():
     default=None,
     help=f"training examples in C of the CNN's whole-network solves (default 250; max {N_TRAIN})",
   )
+  floats = lambda v: tuple(float(x) for x in v.split(","))  # "1e-3,1e-2" -> (0.001, 0.01)
   ap.add_argument(
     "--dampings",
-    type=lambda v: tuple(float(x) for x in v.split(",")),
+    type=floats,
     default=None,
     help="GN-CG dampings to sweep, comma-separated (default: each task's)",
   )
   ap.add_argument(
     "--head-dampings",
-    type=lambda v: tuple(float(x) for x in v.split(",")),
+    type=floats,
     default=None,
     help="the last layer's GN-CG dampings, comma-separated (default 1e-3,1e-2)",
   )

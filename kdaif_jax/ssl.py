@@ -162,11 +162,11 @@ def make_ssl_step(
       inputs = [xl, xs, xw] if fixmatch else [xl, xs]
       logits, ms = student.apply(p, stu.model_state, jnp.concatenate(inputs), True)
       lab = jnp.mean(losses.cross_entropy(logits[:nl], yl))
-      targets = jax.lax.stop_gradient(logits[nl + nu :]) if fixmatch else t_weak
       if true_labels:
         hidden = _hidden_labels(batch, "ssl.targets=labels")
         unl_per = losses.cross_entropy(logits[nl : nl + nu], hidden)
       else:
+        targets = jax.lax.stop_gradient(logits[nl + nu :]) if fixmatch else t_weak
         unl_per = per_ex(logits[nl : nl + nu], targets)
       unl = jnp.mean(w * unl_per) / denom
       return lab + ssl.unlabelled_weight * unl, (ms, (lab, unl_per, logits[:nl]))

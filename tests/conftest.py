@@ -31,10 +31,11 @@ def eight_cpu_env() -> dict:
 
 @pytest.fixture
 def kdaif_log(caplog):
-  """``caplog`` with its handler on the ``kdaif_jax`` logger itself: the trainer's
-  ``setup_logging`` stops that logger's propagation, and the first run in a process
-  (which imports absl) may change the root logger's handlers, so a handler on the root
-  alone misses warnings depending on test order."""
+  """``caplog`` with its handler on the ``kdaif_jax`` logger itself. The trainer's
+  ``setup_logging`` stops that logger's propagation, and ``caplog.at_level`` puts its
+  handler on a named logger only when that logger already does not propagate on entry:
+  so the first trainer run in a process, inside such a block, hid its warnings from
+  caplog (its handler on the root alone), and the result depended on test order."""
   logger = logging.getLogger("kdaif_jax")
   logger.addHandler(caplog.handler)
   caplog.handler.setLevel(logging.WARNING)
